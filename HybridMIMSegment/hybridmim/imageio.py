@@ -1,0 +1,180 @@
+"""Reading volumes (any SimpleITK format or a DICOM series folder) and writing labelmaps, with checks that turn
+every unusable input into one clear error and never leave a partial output file."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import struct
+import tempfile
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import slicerio
+
+from .errors import InputImageError, OutputError
+from .model_card import Label
+
+LABELMAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+def read_volume(path: str | os.PathLike) -> sitk.Image:
+    """Read one scalar 3D volume from a file or a DICOM series folder."""
+    path = Path(path)
+    if not path.exists():
+        raise InputImageError(f"Input not found: {path}")
+    if path.is_dir():
+        image = _read_dicom_folder(path)
+    else:
+        if path.stat().st_size == 0:
+            raise InputImageError(f"Input file is empty: {path}")
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            _check_nifti_complete(path)
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as error:
+            raise InputImageError(f"Cannot read {path}: not an image or the file is truncated/corrupt "
+                                  f"({_first_line(error)})") from error
+    image = _as_scalar_3d(image, path)
+    _check_values(image, path)
+    return image
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """ITK's NIfTI reader silently zero-fills a truncated file; check that all voxel bytes are there."""
+    try:
+        with (gzip.open(path, "rb") if _is_gzip(path) else open(path, "rb")) as stream:
+            header = stream.read(544)
+            total = len(header) + sum(len(block) for block in iter(lambda: stream.read(1 << 22), b""))
+    except (OSError, EOFError, zlib.error) as error:
+        raise InputImageError(f"Cannot read {path}: the file is truncated or corrupt ({error})") from error
+    expected = _nifti_data_end(header)
+    if expected is not None and total < expected:
+        raise InputImageError(f"Cannot read {path}: the file is truncated ({total} of {expected} bytes)")
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as stream:
+        return stream.read(2) == b"\x1f\x8b"
+
+
+def _nifti_data_end(header: bytes) -> int | None:
+    """Byte offset where the voxel data of a NIfTI-1 or NIfTI-2 file ends (None if the header is unknown)."""
+    for order in ("<", ">"):
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+        elif len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            dims = struct.unpack(order + "8q", header[16:80])
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            offset = struct.unpack(order + "q", header[168:176])[0]
+        else:
+            continue
+        count = int(np.prod([max(int(n), 1) for n in dims[1:1 + max(0, min(int(dims[0]), 7))]]))
+        return offset + count * bitpix // 8
+    return None
+
+
+def _read_dicom_folder(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise InputImageError(f"No DICOM series found in folder {folder}")
+    files = max((reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series), key=len)
+    reader.SetFileNames(files)
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise InputImageError(f"Cannot read the DICOM series in {folder} ({_first_line(error)})") from error
+
+
+def _as_scalar_3d(image: sitk.Image, path: Path) -> sitk.Image:
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputImageError(f"{path} has {image.GetNumberOfComponentsPerPixel()} components per voxel "
+                              "(colour or vector image); a scalar (grey-level) volume is required")
+    size = image.GetSize()
+    if image.GetDimension() == 4 and size[3] == 1:
+        image = sitk.Extract(image, [*size[:3], 0], [0, 0, 0, 0])
+    elif image.GetDimension() == 4:
+        raise InputImageError(f"{path} is a 4D image ({size[3]} volumes of {size[:3]}); give one 3D volume")
+    elif image.GetDimension() != 3:
+        raise InputImageError(f"{path} is a {image.GetDimension()}D image of size {size}; a 3D volume is required")
+    if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise InputImageError(f"{path} has complex voxels; a real-valued volume is required")
+    return image
+
+
+def _check_values(image: sitk.Image, path: Path) -> None:
+    if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+        return
+    finite = np.isfinite(sitk.GetArrayViewFromImage(image))
+    if not finite.any():
+        raise InputImageError(f"{path} contains no finite values (all NaN or infinite)")
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Refuse an output name whose format we cannot write, before any work is done."""
+    path = Path(path)
+    if not path.name.lower().endswith(LABELMAP_SUFFIXES):
+        raise OutputError(f"Cannot write '{path.name}': use one of {', '.join(LABELMAP_SUFFIXES)}")
+    if path.is_dir():
+        raise OutputError(f"Output {path} is a folder; give a file name")
+    return path
+
+
+def write_labelmap(labelmap: sitk.Image, path: str | os.PathLike, labels: Sequence[Label]) -> Path:
+    """Write a uint8 labelmap as a Slicer ``.seg.nrrd`` (named, coloured segments) or a plain labelmap file.
+
+    The file appears complete or not at all: it is written next to the target and renamed into place.
+    """
+    path = check_output_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".hybridmim-", dir=path.parent))
+    try:
+        staged = staging / path.name
+        if path.name.lower().endswith(".seg.nrrd"):
+            slicerio.write_segmentation(str(staged), segmentation_dict(labelmap, labels))
+        else:
+            sitk.WriteImage(labelmap, str(staged), useCompression=True)
+        os.replace(staged, path)
+    except OSError as error:
+        raise OutputError(f"Cannot write {path}: {error}") from error
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path
+
+
+def ijk_to_lps(image: sitk.Image) -> np.ndarray:
+    """4x4 matrix from voxel index (i, j, k) to LPS millimetres."""
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+    matrix[:3, 3] = image.GetOrigin()
+    return matrix
+
+
+def segmentation_dict(labelmap: sitk.Image, labels: Sequence[Label]) -> dict:
+    """The slicerio representation of a labelmap: one layer, one segment per label, geometry of ``labelmap``."""
+    voxels = sitk.GetArrayFromImage(labelmap).transpose(2, 1, 0).astype(np.uint8)
+    segmentation = slicerio.create_segmentation(voxels.shape, ijk_to_lps(labelmap))
+    segmentation["voxels"] = voxels
+    segmentation["segments"] = []
+    for label in labels:
+        present = np.argwhere(voxels == label.value)
+        extent = ([int(v) for pair in zip(present.min(0), present.max(0)) for v in pair] if len(present)
+                  else [0, -1, 0, -1, 0, -1])
+        segment = {"id": f"Segment_{label.value}", "name": label.name, "color": list(label.color),
+                   "labelValue": label.value, "layer": 0, "extent": extent}
+        if label.terminology:
+            segment["terminology"] = label.terminology
+        segmentation["segments"].append(segment)
+    return segmentation

@@ -1,0 +1,117 @@
+"""Volume in, labelmap out: preprocessing per card, MONAI sliding-window inference, labelmap on the input grid."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.inferers import sliding_window_inference
+
+from .errors import HybridMIMError
+from .geometry import image_to_canonical, labels_to_image, model_grid, resize
+from .imageio import check_output_path, read_volume, write_labelmap
+from .model_store import LoadedModel, load_model
+from .preprocessing import normalize_intensity
+from .progress import CancelToken, ProgressCallback, no_progress
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OVERLAP = 0.25
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    """'auto' picks CUDA when available; asking for CUDA without one is an error, not a silent fallback."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise HybridMIMError("A CUDA GPU was requested but PyTorch sees none; use --device cpu or auto")
+    if requested not in ("cpu",) and not requested.startswith("cuda"):
+        raise HybridMIMError(f"Unknown device '{requested}': use auto, cpu or cuda")
+    return torch.device(requested)
+
+
+def window_count(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
+    """Number of windows MONAI's sliding window visits (volumes smaller than the window are padded)."""
+    count = 1
+    for size, window in zip(shape, roi):
+        size = max(size, window)
+        step = window if size == window else max(int(window * (1 - overlap)), 1)
+        count *= math.ceil((size - window) / step) + 1
+    return count
+
+
+class Segmenter:
+    """A loaded model ready to segment volumes; reuse it for many volumes to load weights once."""
+
+    def __init__(self, model: LoadedModel | str | os.PathLike, device: str = "auto",
+                 overlap: float | None = None, sw_batch_size: int = 1) -> None:
+        self.device = select_device(device)
+        self.model = model if isinstance(model, LoadedModel) else load_model(model, self.device)
+        self.model.network.to(self.device).eval()
+        self.overlap = overlap if overlap is not None else self.model.card.inference.get("overlap", DEFAULT_OVERLAP)
+        self.sw_batch_size = sw_batch_size
+
+    @property
+    def card(self):
+        return self.model.card
+
+    def predict_logits(self, volume: torch.Tensor, progress: ProgressCallback = no_progress,
+                       cancel: CancelToken | None = None) -> torch.Tensor:
+        """(C, X, Y, Z) normalised input on the model grid -> (classes, X, Y, Z) float logits on the CPU."""
+        roi = tuple(int(p) for p in self.card.patch_size)
+        total = math.ceil(window_count(volume.shape[1:], roi, self.overlap) / self.sw_batch_size)
+        done = 0
+
+        def predictor(windows: torch.Tensor) -> torch.Tensor:
+            nonlocal done
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            output = self.model.network(windows)
+            done += 1
+            progress(min(done / total, 1.0), f"window batch {done}/{total}")
+            return output
+
+        autocast = (torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else nullcontext())
+        with torch.inference_mode(), autocast:
+            logits = sliding_window_inference(volume[None].to(self.device), roi, self.sw_batch_size, predictor,
+                                              overlap=self.overlap, mode="gaussian")
+        return logits[0].float().cpu()
+
+    def segment(self, image: sitk.Image, progress: ProgressCallback = no_progress,
+                cancel: CancelToken | None = None) -> sitk.Image:
+        """Segment a volume; the returned uint8 labelmap has exactly the volume's geometry."""
+        card = self.card
+        grid = model_grid(image, card.target_spacing)
+        progress(0.0, "preprocessing")
+        volume = normalize_intensity(image_to_canonical(image, grid), card.intensity)
+        tensor = resize(torch.from_numpy(volume)[None], grid.model_shape)
+        logits = self.predict_logits(tensor, lambda f, m: progress(0.05 + 0.9 * f, m), cancel)
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        progress(0.95, "postprocessing")
+        labels = resize(logits, grid.canonical_shape).argmax(0).to(torch.uint8).numpy()
+        labelmap = labels_to_image(labels, grid, image)
+        progress(1.0, "done")
+        return labelmap
+
+
+def segment_file(input_path: str | os.PathLike, output_path: str | os.PathLike, model: str | os.PathLike,
+                 device: str = "auto", progress: ProgressCallback = no_progress,
+                 cancel: CancelToken | None = None) -> Path:
+    """Read, segment and write. Inputs and the output name are checked before any work; nothing is written on
+    error or cancellation."""
+    output_path = check_output_path(output_path)
+    if Path(output_path).resolve() == Path(input_path).resolve():
+        raise HybridMIMError("The output would overwrite the input volume; choose another output path")
+    image = read_volume(input_path)
+    segmenter = Segmenter(model, device)
+    labelmap = segmenter.segment(image, progress, cancel)
+    logger.info("Labels found: %s", np.unique(sitk.GetArrayViewFromImage(labelmap)).tolist())
+    return write_labelmap(labelmap, output_path, segmenter.card.labels)

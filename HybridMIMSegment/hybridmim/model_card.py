@@ -1,0 +1,121 @@
+"""The JSON model card: everything needed to run a model and to judge it, next to its weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelCardError
+
+CARD_FILE = "card.json"
+WEIGHTS_FILE = "model.safetensors"
+INTENSITY_METHODS = ("zscore", "ct_window", "percentile")
+
+
+@dataclass
+class Label:
+    """One output class. ``color`` is RGB in [0, 1]; ``terminology`` follows Slicer's segment terminology
+    (``category`` / ``type`` as [coding scheme, code value, code meaning])."""
+
+    value: int
+    name: str
+    color: list[float]
+    terminology: dict[str, Any] | None = None
+
+
+@dataclass
+class Intensity:
+    """How raw voxel values become network input: per-volume z-score (MRI), a fixed window scaled to [0, 1]
+    (CT, in HU), or robust percentile scaling to [0, 1]."""
+
+    method: str
+    window: list[float] | None = None
+    percentiles: list[float] | None = None
+
+
+@dataclass
+class ModelCard:
+    id: str
+    version: str
+    name: str
+    description: str
+    architecture: dict[str, Any]
+    modality: str
+    intensity: Intensity
+    target_spacing: list[float] | None
+    patch_size: list[int]
+    labels: list[Label]
+    licence: str
+    weights: dict[str, str]
+    in_channels: int = 1
+    intended_use: str = "Research use only; not for diagnosis."
+    training: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    inference: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def out_channels(self) -> int:
+        """Background plus one channel per label."""
+        return len(self.labels) + 1
+
+    def label_names(self) -> dict[int, str]:
+        return {label.value: label.name for label in self.labels}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / CARD_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "model card") -> ModelCard:
+        required = ("id", "version", "name", "architecture", "modality", "intensity", "patch_size", "labels",
+                    "licence", "weights")
+        missing = [key for key in required if key not in data]
+        if missing:
+            raise ModelCardError(f"{source}: missing field(s) {', '.join(missing)}")
+        try:
+            intensity = Intensity(**data["intensity"])
+            labels = [Label(**label) for label in data["labels"]]
+            known = set(cls.__dataclass_fields__)
+            card = cls(**{**{k: v for k, v in data.items() if k in known}, "intensity": intensity, "labels": labels,
+                          "description": data.get("description", ""), "target_spacing": data.get("target_spacing")})
+        except TypeError as error:
+            raise ModelCardError(f"{source}: {error}") from error
+        card.validate(source)
+        return card
+
+    @classmethod
+    def load(cls, folder: Path) -> ModelCard:
+        path = Path(folder) / CARD_FILE
+        if not path.is_file():
+            raise ModelCardError(f"No {CARD_FILE} in model folder {folder}")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ModelCardError(f"{path}: not a readable JSON model card ({error})") from error
+        return cls.from_dict(data, source=str(path))
+
+    def validate(self, source: str = "model card") -> None:
+        def fail(message: str) -> None:
+            raise ModelCardError(f"{source}: {message}")
+
+        if "name" not in self.architecture:
+            fail("architecture needs a 'name'")
+        if self.intensity.method not in INTENSITY_METHODS:
+            fail(f"intensity.method must be one of {INTENSITY_METHODS}, not '{self.intensity.method}'")
+        if self.intensity.method == "ct_window" and (not self.intensity.window or len(self.intensity.window) != 2):
+            fail("intensity.window must be [low, high] for ct_window")
+        if len(self.patch_size) != 3 or any(int(p) < 1 for p in self.patch_size):
+            fail("patch_size must be three positive integers")
+        if self.target_spacing is not None and (
+            len(self.target_spacing) != 3 or any(s <= 0 for s in self.target_spacing)
+        ):
+            fail("target_spacing must be three positive numbers or null")
+        values = [label.value for label in self.labels]
+        if not values or sorted(values) != list(range(1, len(values) + 1)):
+            fail("labels must have values 1..N without gaps (0 is background)")
+        if "sha256" not in self.weights or "file" not in self.weights:
+            fail("weights needs 'file' and 'sha256'")

@@ -1,0 +1,142 @@
+"""Model folders on disk: where they live, how they are listed, loaded (checksum first) and saved atomically.
+
+A model folder holds ``card.json`` and ``model.safetensors``. Bundled models (read-only) live in the
+repository's ``Resources/Models``; trained and fine-tuned models go to the user models folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import ChecksumError, ModelCardError, ModelNotFoundError
+from .model_card import CARD_FILE, WEIGHTS_FILE, ModelCard
+from .networks import build_network
+
+
+def bundled_models_dir() -> Path:
+    """``$HYBRIDMIM_BUNDLED_MODELS`` or the repository's ``Resources/Models``."""
+    override = os.environ.get("HYBRIDMIM_BUNDLED_MODELS")
+    return Path(override) if override else Path(__file__).resolve().parents[2] / "Resources" / "Models"
+
+
+def user_models_dir() -> Path:
+    """``$HYBRIDMIM_USER_MODELS`` or ``~/.hybridmim/models``: trained and fine-tuned models."""
+    override = os.environ.get("HYBRIDMIM_USER_MODELS")
+    return Path(override) if override else Path.home() / ".hybridmim" / "models"
+
+
+@dataclass
+class ModelFolder:
+    path: Path
+    card: ModelCard
+    bundled: bool
+
+
+@dataclass
+class LoadedModel:
+    folder: Path
+    card: ModelCard
+    network: torch.nn.Module
+
+
+def list_models() -> list[ModelFolder]:
+    """All readable model folders, bundled first. Folders with a broken card are skipped, not fatal."""
+    found = []
+    for root, bundled in ((bundled_models_dir(), True), (user_models_dir(), False)):
+        if not root.is_dir():
+            continue
+        for folder in sorted(p for p in root.iterdir() if (p / CARD_FILE).is_file()):
+            try:
+                found.append(ModelFolder(folder, ModelCard.load(folder), bundled))
+            except ModelCardError:
+                continue
+    return found
+
+
+def resolve_model(model: str | os.PathLike) -> Path:
+    """A model id (newest version wins, user models over bundled on a tie) or a path to a model folder."""
+    path = Path(model)
+    if (path / CARD_FILE).is_file():
+        return path
+    matches = [m for m in list_models() if m.card.id == str(model)]
+    if not matches:
+        known = ", ".join(sorted({m.card.id for m in list_models()})) or "none"
+        raise ModelNotFoundError(f"No model '{model}' (not a model folder, not a known id). Known models: {known}")
+    return max(matches, key=lambda m: (_version_key(m.card.version), not m.bundled)).path
+
+
+def _version_key(version: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in version.replace("-", ".").split("."))
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(model: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a model folder after verifying its weights against the card's sha256. Never unpickles."""
+    folder = resolve_model(model)
+    card = ModelCard.load(folder)
+    weights = folder / card.weights["file"]
+    if not weights.is_file():
+        raise ModelNotFoundError(f"Model '{card.id}': weights file {weights} is missing")
+    actual = sha256_of(weights)
+    if actual != card.weights["sha256"]:
+        raise ChecksumError(
+            f"Model '{card.id}': weights file {weights} is corrupted or was modified "
+            f"(sha256 {actual[:12]}..., card says {card.weights['sha256'][:12]}...). Reinstall or re-export the model."
+        )
+    network = build_network(card.architecture["name"], card.in_channels, card.out_channels,
+                            **card.architecture.get("args", {}))
+    try:
+        state = load_file(weights)
+    except SafetensorError as error:
+        raise ChecksumError(f"Model '{card.id}': {weights} is not a valid safetensors file ({error})") from error
+    state = {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in state.items()}
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as error:
+        raise ModelCardError(f"Model '{card.id}': weights do not fit the card's architecture ({error})") from error
+    network.to(device).eval()
+    return LoadedModel(folder, card, network)
+
+
+def save_model(folder: Path, network: torch.nn.Module, card: ModelCard, half: bool = False) -> Path:
+    """Write weights and card into ``folder`` atomically: a crash leaves either the old folder or the new one.
+
+    ``half`` stores floating-point weights as fp16 (they are loaded back as fp32).
+    """
+    folder = Path(folder)
+    if folder.exists():
+        raise FileExistsError(f"Model folder {folder} already exists; pick a new version")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        state = {
+            name: (t.detach().half() if half and t.is_floating_point() else t.detach()).cpu().contiguous()
+            for name, t in network.state_dict().items()
+        }
+        save_file(state, str(staging / WEIGHTS_FILE))
+        card.weights = {"file": WEIGHTS_FILE, "sha256": sha256_of(staging / WEIGHTS_FILE),
+                        "dtype": "float16" if half else "float32"}
+        card.validate()
+        card.save(staging)
+        staging.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be shared
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder

@@ -1,0 +1,81 @@
+"""Network registry: one name per architecture family, built from a model card's ``architecture`` entry.
+
+Both backbone families sit behind the same call, ``build_network(name, in_channels, out_channels, **args)``,
+so the engine, the CLI and the training package never special-case an architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch.nn as nn
+
+from .errors import ModelCardError
+
+NetworkBuilder = Callable[..., nn.Module]
+
+_REGISTRY: dict[str, tuple[str, NetworkBuilder]] = {}
+
+
+def register_network(name: str, family: str) -> Callable[[NetworkBuilder], NetworkBuilder]:
+    """Decorator adding a builder ``(in_channels, out_channels, **args) -> nn.Module`` under ``name``."""
+
+    def add(builder: NetworkBuilder) -> NetworkBuilder:
+        _REGISTRY[name] = (family, builder)
+        return builder
+
+    return add
+
+
+def network_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def network_family(name: str) -> str:
+    """'cnn' or 'transformer'."""
+    _check_known(name)
+    return _REGISTRY[name][0]
+
+
+def build_network(name: str, in_channels: int, out_channels: int, **args: Any) -> nn.Module:
+    _check_known(name)
+    try:
+        return _REGISTRY[name][1](in_channels, out_channels, **args)
+    except TypeError as error:
+        raise ModelCardError(f"Invalid arguments for network '{name}': {error}") from error
+
+
+def _check_known(name: str) -> None:
+    if name not in _REGISTRY:
+        raise ModelCardError(f"Unknown network '{name}'; known networks: {', '.join(network_names())}")
+
+
+@register_network("unet", family="cnn")
+def _unet(in_channels: int, out_channels: int, **args: Any) -> nn.Module:
+    from monai.networks.nets import UNet
+
+    args.setdefault("spatial_dims", 3)
+    return UNet(in_channels=in_channels, out_channels=out_channels, **args)
+
+
+@register_network("segresnet", family="cnn")
+def _segresnet(in_channels: int, out_channels: int, **args: Any) -> nn.Module:
+    from monai.networks.nets import SegResNet
+
+    args.setdefault("spatial_dims", 3)
+    return SegResNet(in_channels=in_channels, out_channels=out_channels, **args)
+
+
+@register_network("swinunetr", family="transformer")
+def _swinunetr(in_channels: int, out_channels: int, **args: Any) -> nn.Module:
+    try:
+        import einops  # noqa: F401  (MONAI's SwinUNETR needs it but does not install it)
+    except ImportError as error:
+        raise ModelCardError(
+            "SwinUNETR models need the 'einops' package: pip install 'hybridmim-segment[transformer]'"
+        ) from error
+    from monai.networks.nets import SwinUNETR
+
+    args.setdefault("spatial_dims", 3)
+    return SwinUNETR(in_channels=in_channels, out_channels=out_channels, **args)

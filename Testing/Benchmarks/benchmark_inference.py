@@ -1,0 +1,125 @@
+"""Inference benchmark (not a test): our pipeline vs a plain MONAI reference pipeline, same network and weights,
+same process, same inputs. Prints wall time, peak resident memory above the run's start, and their ratios.
+
+The reference is what a MONAI user writes by hand: LoadImaged -> EnsureChannelFirstd -> Orientationd(RAS) ->
+Spacingd(card spacing) -> NormalizeIntensityd -> sliding_window_inference (defaults: sw_batch_size 1,
+overlap 0.25, constant blending) -> argmax -> Invertd back to the input grid.
+
+    python Testing/Benchmarks/benchmark_inference.py [--model ID] [--device cpu|cuda] [VOLUME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from hybridmim.imageio import read_volume
+from hybridmim.inference import Segmenter
+from hybridmim.metrics import dice_per_label
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_VOLUMES = [REPO / "Resources" / "Samples" / "hippocampus_017.nii.gz",
+                   REPO.parent / "shared" / "data" / "unlabeled" / "ct" / "chest_ct_pyradiomics_lung1.nrrd"]
+
+
+class PeakMemory:
+    """Peak resident set size (bytes) above the level at entry, sampled every 2 ms from /proc."""
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        with contextlib.suppress(OSError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back so runs start level
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as stream:
+            return int(stream.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        self.used = self.peak - self.start
+        self.gpu = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+
+
+def reference_pipeline(path: Path, segmenter: Segmenter) -> np.ndarray:
+    from monai.inferers import sliding_window_inference
+    from monai.transforms import (
+        Compose,
+        EnsureChannelFirstd,
+        Invertd,
+        LoadImaged,
+        NormalizeIntensityd,
+        Orientationd,
+        Spacingd,
+    )
+
+    card = segmenter.card
+    pre = Compose([LoadImaged("image"), EnsureChannelFirstd("image"), Orientationd("image", "RAS"),
+                   Spacingd("image", card.target_spacing, mode="bilinear"), NormalizeIntensityd("image")])
+    data = pre({"image": str(path)})
+    network = segmenter.model.network
+    with torch.no_grad():
+        logits = sliding_window_inference(data["image"][None].to(segmenter.device), card.patch_size, 1, network)
+    data["pred"] = logits[0].argmax(0, keepdim=True).cpu()
+    data = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True)(data)
+    return np.asarray(data["pred"][0]).astype(np.uint8).transpose(2, 1, 0)  # to SimpleITK's (k, j, i)
+
+
+def ours(path: Path, segmenter: Segmenter) -> np.ndarray:
+    return sitk.GetArrayFromImage(segmenter.segment(read_volume(path)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("volumes", nargs="*", type=Path, default=DEFAULT_VOLUMES)
+    parser.add_argument("--model", default="hippocampus-cnn")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    segmenter = Segmenter(args.model, args.device)
+    print(f"model {segmenter.card.id}, device {segmenter.device}, torch threads {torch.get_num_threads()}")
+    ours(args.volumes[0], segmenter)  # warm-up of both paths
+    reference_pipeline(args.volumes[0], segmenter)
+    header = f"{'volume':40s} {'voxels':>11s} {'pipeline':>9s} {'time s':>8s} {'peak MB':>8s}"
+    print(header + "   agreement")
+    for path in args.volumes:
+        results = {}
+        for name, run in (("reference", reference_pipeline), ("ours", ours)):
+            with PeakMemory() as memory:
+                start = time.perf_counter()
+                labels = run(path, segmenter)
+                seconds = time.perf_counter() - start
+            results[name] = (labels, seconds, memory.used / 2**20)
+        (ref, ref_s, ref_mb), (mine, my_s, my_mb) = results["reference"], results["ours"]
+        dice = dice_per_label(mine, ref, list(segmenter.card.label_names())) if ref.shape == mine.shape else {}
+        agreement = f"Dice vs reference {np.mean(list(dice.values())):.4f}" if dice else "shapes differ"
+        size = "x".join(map(str, mine.shape[::-1]))
+        print(f"{path.name:40s} {size:>11s} {'reference':>9s} {ref_s:8.2f} {ref_mb:8.0f}")
+        print(f"{'':40s} {'':>11s} {'ours':>9s} {my_s:8.2f} {my_mb:8.0f}   {agreement}")
+        print(f"{'':40s} {'':>11s} {'ratio':>9s} {ref_s / my_s:7.2f}x {ref_mb / max(my_mb, 1):7.2f}x"
+              "   (reference / ours: >1 means ours is faster / smaller)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Every unusable input gives one clear error (exit code 2, one 'error:' line) and writes nothing."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import SAMPLE_IMAGE
+from hybridmim.cli import main
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def make_2d(folder: Path) -> Path:
+    path = folder / "slice.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((20, 30), np.float32)), str(path))
+    return path
+
+
+def make_4d(folder: Path) -> Path:
+    path = folder / "series.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.ones((3, 10, 12, 14), np.float32), isVector=False), str(path))
+    return path
+
+
+def make_empty(folder: Path) -> Path:
+    path = folder / "empty.nii.gz"
+    path.write_bytes(b"")
+    return path
+
+
+def make_truncated(folder: Path) -> Path:
+    path = folder / "truncated.nii.gz"
+    path.write_bytes(SAMPLE_IMAGE.read_bytes()[:20000])
+    return path
+
+
+def make_truncated_raw(folder: Path) -> Path:
+    """An uncompressed NIfTI whose voxel data stops half-way."""
+    path = folder / "truncated.nii"
+    data = gzip.decompress(SAMPLE_IMAGE.read_bytes())
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def make_text(folder: Path) -> Path:
+    path = folder / "notes.nrrd"
+    path.write_text("This is a text file, not an image.\n")
+    return path
+
+
+def make_nan(folder: Path) -> Path:
+    path = folder / "nan.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((20, 30, 40), np.nan, np.float32)), str(path))
+    return path
+
+
+def make_rgb(folder: Path) -> Path:
+    path = folder / "rgb.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 9, 10, 3), np.uint8), isVector=True), str(path))
+    return path
+
+
+BAD_INPUTS = {
+    "2D image": (make_2d, "2D image"),
+    "4D image": (make_4d, "4D image"),
+    "empty file": (make_empty, "empty"),
+    "truncated gzip": (make_truncated, "Cannot read"),
+    "truncated raw": (make_truncated_raw, "Cannot read"),
+    "non-image file": (make_text, "Cannot read"),
+    "NaN volume": (make_nan, "no finite values"),
+    "colour image": (make_rgb, "components per voxel"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_INPUTS))
+def test_bad_input_gives_one_clear_error_and_writes_nothing(kind, tmp_path, capsys):
+    make, expected = BAD_INPUTS[kind]
+    source = make(tmp_path)
+    output = tmp_path / "out" / "result.seg.nrrd"
+    code, err = run_cli(["segment", str(source), "-o", str(output), "--quiet"], capsys)
+    assert code == 2
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
+    assert expected in err
+    assert not output.exists() and not output.parent.exists()
+
+
+def test_missing_input(tmp_path, capsys):
+    code, err = run_cli(["segment", str(tmp_path / "nope.nii.gz"), "-o", str(tmp_path / "o.seg.nrrd")], capsys)
+    assert code == 2 and "Input not found" in err
+
+
+def test_missing_model(tmp_path, capsys):
+    output = tmp_path / "o.seg.nrrd"
+    code, err = run_cli(["segment", str(SAMPLE_IMAGE), "-o", str(output), "--model", "no-such-model"], capsys)
+    assert code == 2 and "No model 'no-such-model'" in err and "hippocampus-cnn" in err
+    assert not output.exists()
+
+
+def test_corrupted_weights_are_refused(model_copy, tmp_path, capsys):
+    weights = model_copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    output = tmp_path / "o.seg.nrrd"
+    code, err = run_cli(["segment", str(SAMPLE_IMAGE), "-o", str(output), "--model", str(model_copy)], capsys)
+    assert code == 2 and "corrupted or was modified" in err
+    assert not output.exists()
+
+
+def test_unsupported_output_format_is_refused_before_work(tmp_path, capsys):
+    code, err = run_cli(["segment", str(SAMPLE_IMAGE), "-o", str(tmp_path / "o.png")], capsys)
+    assert code == 2 and ".seg.nrrd" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_never_overwrites_input(tmp_path, capsys):
+    image = tmp_path / "volume.nii.gz"
+    image.write_bytes(SAMPLE_IMAGE.read_bytes())
+    code, err = run_cli(["segment", str(image), "-o", str(image)], capsys)
+    assert code == 2 and "overwrite the input" in err
+    assert image.read_bytes() == SAMPLE_IMAGE.read_bytes()

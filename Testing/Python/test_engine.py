@@ -1,0 +1,136 @@
+"""Engine pieces on real data: DICOM series input, progress and cancellation, model folders and cards."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import BUNDLED_MODEL, SAMPLE_IMAGE
+from hybridmim.errors import Cancelled, ChecksumError, ModelCardError
+from hybridmim.imageio import read_volume
+from hybridmim.inference import Segmenter, segment_file, window_count
+from hybridmim.model_card import ModelCard
+from hybridmim.model_store import list_models, load_model, resolve_model, save_model
+from hybridmim.progress import CancelToken
+
+
+def write_dicom_series(image: sitk.Image, folder) -> None:
+    """Write a CT-like DICOM series (one file per slice) with geometry tags, as scanners do."""
+    image = sitk.Cast(sitk.RescaleIntensity(image, 0, 1000), sitk.sitkInt16)
+    direction = image.GetDirection()
+    series_tags = [("0008|0060", "MR"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
+                   ("0020|000e", "1.2.826.0.1.3680043.2.1125.2"),
+                   ("0020|0037", "\\".join(f"{v:.6f}" for v in (*direction[0::3], *direction[1::3])))]
+    for k in range(image.GetDepth()):
+        slice_ = image[:, :, k]
+        for tag, value in series_tags:
+            slice_.SetMetaData(tag, value)
+        slice_.SetMetaData("0020|0032", "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))))
+        slice_.SetMetaData("0020|0013", str(k + 1))
+        slice_.SetMetaData("0028|0030", f"{image.GetSpacing()[1]:.6f}\\{image.GetSpacing()[0]:.6f}")
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.Execute(slice_)
+
+
+def test_dicom_series_folder_is_read_with_its_geometry(tmp_path):
+    sample = read_volume(SAMPLE_IMAGE)
+    write_dicom_series(sample, tmp_path)
+    volume = read_volume(tmp_path)
+    assert volume.GetSize() == sample.GetSize()
+    assert np.allclose(volume.GetOrigin(), sample.GetOrigin(), atol=1e-4)
+    assert np.allclose(volume.GetDirection(), sample.GetDirection(), atol=1e-5)
+    output = segment_file(tmp_path, tmp_path / "out" / "labels.nii.gz", BUNDLED_MODEL, device="cpu")
+    labels = sitk.ReadImage(str(output))
+    assert labels.GetSize() == sample.GetSize()
+    assert set(np.unique(sitk.GetArrayFromImage(labels))) == {0, 1, 2}
+
+
+def test_folder_without_dicom_is_an_input_error(tmp_path):
+    from hybridmim.errors import InputImageError
+
+    with pytest.raises(InputImageError, match="No DICOM series"):
+        read_volume(tmp_path)
+
+
+def test_progress_reaches_one_and_never_goes_back(segmenter):
+    seen = []
+    segmenter.segment(read_volume(SAMPLE_IMAGE), lambda fraction, message: seen.append(fraction))
+    assert seen[-1] == 1.0 and seen == sorted(seen) and len(seen) >= 3
+
+
+def test_window_count_matches_monai_calls():
+    """The progress total equals the number of windows sliding-window inference actually runs."""
+    calls = []
+    network = torch.nn.Conv3d(1, 3, 1)
+
+    def predictor(x):
+        calls.append(x.shape[0])
+        return network(x)
+
+    from monai.inferers import sliding_window_inference
+
+    for shape, roi, overlap in [((35, 50, 35), (48, 64, 48), 0.25), ((100, 70, 30), (32, 32, 16), 0.5),
+                                ((64, 64, 64), (64, 32, 48), 0.25)]:
+        calls.clear()
+        sliding_window_inference(torch.zeros(1, 1, *shape), roi, 1, predictor, overlap=overlap)
+        assert len(calls) == window_count(shape, roi, overlap)
+
+
+def test_cancel_stops_the_run_and_writes_nothing(tmp_path):
+    token = CancelToken()
+
+    def cancel_on_first_report(fraction: float, message: str) -> None:
+        if fraction > 0:
+            token.cancel()
+
+    output = tmp_path / "labels.seg.nrrd"
+    big = sitk.Expand(read_volume(SAMPLE_IMAGE), [2, 2, 2])  # several windows, so cancellation lands mid-run
+    sitk.WriteImage(big, str(tmp_path / "big.nrrd"))
+    with pytest.raises(Cancelled):
+        segment_file(tmp_path / "big.nrrd", output, BUNDLED_MODEL, "cpu", cancel_on_first_report, token)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.nrrd"]
+
+
+def test_bundled_model_is_listed_and_resolves_by_id():
+    models = {m.card.id: m for m in list_models()}
+    assert models["hippocampus-cnn"].bundled
+    assert resolve_model("hippocampus-cnn") == BUNDLED_MODEL
+
+
+def test_card_missing_fields_is_a_clear_error(model_copy):
+    card = json.loads((model_copy / "card.json").read_text())
+    del card["labels"]
+    (model_copy / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ModelCardError, match="missing field.*labels"):
+        load_model(model_copy)
+
+
+def test_swapped_weights_file_is_refused(model_copy, tmp_path):
+    """A valid safetensors file that is not the one the card names is still refused (checksum first)."""
+    loaded = load_model(model_copy)
+    other = save_model(tmp_path / "other", torch.nn.Conv3d(1, 1, 1), loaded.card)
+    (model_copy / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    with pytest.raises(ChecksumError):
+        load_model(model_copy)
+
+
+def test_fp16_storage_halves_the_file_and_keeps_the_labels(segmenter, tmp_path):
+    card = ModelCard.load(BUNDLED_MODEL)
+    half = save_model(tmp_path / "half", segmenter.model.network, card, half=True)
+    assert (half / "model.safetensors").stat().st_size < 0.55 * (BUNDLED_MODEL / "model.safetensors").stat().st_size
+    volume = read_volume(SAMPLE_IMAGE)
+    full_labels = sitk.GetArrayFromImage(segmenter.segment(volume))
+    half_labels = sitk.GetArrayFromImage(Segmenter(half, "cpu").segment(volume))
+    assert (full_labels == half_labels).mean() > 0.999
+
+
+def test_save_model_refuses_to_overwrite(model_copy):
+    loaded = load_model(model_copy)
+    with pytest.raises(FileExistsError):
+        save_model(model_copy, loaded.network, loaded.card)

@@ -1,0 +1,58 @@
+"""The bundled model on real held-out cases: Dice against the reference, named segments in the output file."""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+import slicerio
+
+from conftest import BUNDLED_MODEL, SAMPLE_IMAGE, SAMPLE_LABEL
+from hybridmim.cli import main
+from hybridmim.imageio import ijk_to_lps, read_volume
+from hybridmim.metrics import dice_per_label
+from hybridmim.model_card import ModelCard
+
+TOLERANCE = 0.05
+
+
+def test_card_reports_measured_validation_dice():
+    card = ModelCard.load(BUNDLED_MODEL)
+    assert set(card.metrics["dice"]) >= {"anterior hippocampus", "posterior hippocampus", "mean"}
+    assert len(card.metrics["validation_cases"]) >= 20
+    assert SAMPLE_IMAGE.name.split(".")[0] in card.metrics["validation_cases"]
+
+
+def test_cli_segments_sample_to_seg_nrrd_with_card_dice(tmp_path, capsys):
+    output, preview = tmp_path / "sample.seg.nrrd", tmp_path / "sample.png"
+    assert main(["segment", str(SAMPLE_IMAGE), "-o", str(output), "--preview", str(preview), "--quiet"]) == 0
+    assert str(output.resolve()) in capsys.readouterr().out
+    assert preview.stat().st_size > 1000
+
+    card = ModelCard.load(BUNDLED_MODEL)
+    segmentation = slicerio.read_segmentation(str(output))
+    assert [s["name"] for s in segmentation["segments"]] == ["anterior hippocampus", "posterior hippocampus"]
+    assert np.allclose(segmentation["segments"][0]["color"], card.labels[0].color, atol=1e-3)
+    assert segmentation["segments"][1]["terminology"]["type"][2] == "Hippocampus"
+    image = read_volume(SAMPLE_IMAGE)
+    assert np.allclose(segmentation["ijkToLPS"], ijk_to_lps(image), atol=1e-5)
+    assert segmentation["voxels"].shape == image.GetSize()
+
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_LABEL))).transpose(2, 1, 0)
+    values = np.zeros(reference.shape, np.uint8)
+    for segment in segmentation["segments"]:
+        values[slicerio.segment_mask(segmentation, segment)] = card.labels[
+            [label.name for label in card.labels].index(segment["name"])].value
+    dice = dice_per_label(values, reference, [1, 2])
+    assert np.mean(list(dice.values())) >= card.metrics["dice"]["mean"] - TOLERANCE
+
+
+def test_held_out_cases_reach_card_dice(segmenter, shared_data):
+    """Eight validation cases the model never trained on, through the full read -> segment path."""
+    card = segmenter.card
+    scores = []
+    for name in card.metrics["validation_cases"][:8]:
+        image = read_volume(shared_data / "hippocampus" / "imagesTr" / f"{name}.nii.gz")
+        reference = sitk.GetArrayFromImage(read_volume(shared_data / "hippocampus" / "labelsTr" / f"{name}.nii.gz"))
+        prediction = sitk.GetArrayFromImage(segmenter.segment(image))
+        scores.append(np.mean(list(dice_per_label(prediction, reference, [1, 2]).values())))
+    assert np.mean(scores) >= card.metrics["dice"]["mean"] - TOLERANCE

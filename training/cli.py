@@ -1,0 +1,61 @@
+"""``hybridmim-train``: train and evaluate models offline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from hybridmim.errors import HybridMIMError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hybridmim-train", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("supervised", help="supervised training from an MSD-style dataset.json")
+    train.add_argument("--config", type=Path, required=True, help="training config JSON (card template + settings)")
+    train.add_argument("--dataset", type=Path, required=True, help="MSD-style dataset.json")
+    train.add_argument("--output", type=Path, required=True, help="new model folder to create")
+    train.add_argument("--steps", type=int, help="override the config's number of steps")
+    train.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    train.add_argument("--log-dir", type=Path, help="folder for the loss log and the validation report")
+
+    evaluation = commands.add_parser("evaluate", help="Dice of a model on a dataset's validation or all cases")
+    evaluation.add_argument("--model", required=True, help="model id or folder")
+    evaluation.add_argument("--dataset", type=Path, required=True)
+    evaluation.add_argument("--cases", nargs="*", help="case names to evaluate (default: all labelled cases)")
+    evaluation.add_argument("--output", type=Path, required=True, help="folder for evaluation.json/.csv")
+    evaluation.add_argument("--device", default="auto")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        if args.command == "supervised":
+            from .supervised import train_supervised
+
+            if args.log_dir:
+                args.log_dir.mkdir(parents=True, exist_ok=True)
+            folder = train_supervised(json.loads(args.config.read_text()), args.dataset, args.output,
+                                      args.device, args.log_dir, args.steps)
+            print(f"Model written to {folder}")
+        else:
+            from hybridmim.inference import Segmenter
+
+            from .datalist import read_datalist
+            from .evaluate import evaluate, write_report
+
+            cases = [c for c in read_datalist(args.dataset) if c.label and (not args.cases or c.name in args.cases)]
+            report = evaluate(Segmenter(args.model, args.device), cases)
+            write_report(report, args.output)
+            print(json.dumps(report["dice_mean"]))
+    except HybridMIMError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""MSD-style ``dataset.json`` lists and a seeded, reproducible train/validation split."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class CasePaths:
+    name: str
+    image: Path
+    label: Path | None
+
+
+def case_name(path: str | Path) -> str:
+    return Path(path).name.split(".")[0]
+
+
+def read_datalist(dataset_json: str | Path, key: str = "training") -> list[CasePaths]:
+    """Cases of ``key`` with paths resolved against the JSON file's folder."""
+    dataset_json = Path(dataset_json)
+    root = dataset_json.parent
+    entries = json.loads(dataset_json.read_text())[key]
+    cases = []
+    for entry in entries:
+        image = entry["image"] if isinstance(entry, dict) else entry
+        label = entry.get("label") if isinstance(entry, dict) else None
+        cases.append(CasePaths(case_name(image), root / image, root / label if label else None))
+    return cases
+
+
+def split_cases(cases: list[CasePaths], validation_fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministic split (depends only on the case names and the seed, not on list order)."""
+    ordered = sorted(cases, key=lambda c: c.name)
+    random.Random(seed).shuffle(ordered)
+    count = max(1, round(len(ordered) * validation_fraction)) if validation_fraction > 0 else 0
+    validation = sorted(ordered[:count], key=lambda c: c.name)
+    train = sorted(ordered[count:], key=lambda c: c.name)
+    return train, validation
