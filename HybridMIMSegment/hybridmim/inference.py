@@ -92,7 +92,18 @@ class Segmenter:
         progress(0.0, "preprocessing")
         volume = normalize_intensity(image_to_canonical(image, grid), card.intensity)
         tensor = resize(torch.from_numpy(volume)[None], grid.model_shape)
-        logits = self.predict_logits(tensor, lambda f, m: progress(0.05 + 0.9 * f, m), cancel)
+        windows_progress = lambda f, m: progress(0.05 + 0.9 * f, m)  # noqa: E731
+        try:
+            logits = self.predict_logits(tensor, windows_progress, cancel)
+        except torch.cuda.OutOfMemoryError:
+            if self.device.type != "cuda":
+                raise
+            logger.warning("GPU out of memory for model %s; continuing on the CPU", card.id)
+            progress(0.05, "GPU out of memory: continuing on the CPU")
+            torch.cuda.empty_cache()
+            self.device = torch.device("cpu")
+            self.model.network.to(self.device)
+            logits = self.predict_logits(tensor, windows_progress, cancel)
         if cancel is not None:
             cancel.raise_if_cancelled()
         progress(0.95, "postprocessing")

@@ -12,20 +12,23 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from .errors import ChecksumError, ModelCardError, ModelNotFoundError
 from .model_card import CARD_FILE, WEIGHTS_FILE, ModelCard
-from .networks import build_network
+
+if TYPE_CHECKING:  # torch is imported where weights are read or written, so listing cards needs no torch
+    import torch
 
 
 def bundled_models_dir() -> Path:
-    """``$HYBRIDMIM_BUNDLED_MODELS`` or the repository's ``Resources/Models``."""
+    """``$HYBRIDMIM_BUNDLED_MODELS``, else ``Resources/Models`` of the source tree or of the installed module."""
     override = os.environ.get("HYBRIDMIM_BUNDLED_MODELS")
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "Resources" / "Models"
+    if override:
+        return Path(override)
+    here = Path(__file__).resolve()
+    candidates = [here.parents[2] / "Resources" / "Models", here.parents[1] / "Resources" / "Models"]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
 def user_models_dir() -> Path:
@@ -88,6 +91,11 @@ def sha256_of(path: Path) -> str:
 
 def load_model(model: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a model folder after verifying its weights against the card's sha256. Never unpickles."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .networks import build_network
+
     folder = resolve_model(model)
     card = ModelCard.load(folder)
     weights = folder / card.weights["file"]
@@ -119,6 +127,8 @@ def save_model(folder: Path, network: torch.nn.Module, card: ModelCard, half: bo
 
     ``half`` stores floating-point weights as fp16 (they are loaded back as fp32).
     """
+    from safetensors.torch import save_file
+
     folder = Path(folder)
     if folder.exists():
         raise FileExistsError(f"Model folder {folder} already exists; pick a new version")

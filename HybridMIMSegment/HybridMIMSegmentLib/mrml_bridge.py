@@ -1,0 +1,136 @@
+"""Between MRML nodes and the engine: volume node -> SimpleITK image, labelmap -> segmentation node.
+
+Uses only MRML data classes (no Qt, no application, no global ``slicer.mrmlScene``), so it runs inside Slicer and,
+for tests, with the ``slicer-core`` package. Geometry is carried exactly: MRML stores RAS, the engine LPS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+import vtk
+from vtk.util import numpy_support
+
+from hybridmim.errors import InputImageError
+from hybridmim.model_card import Label
+
+RAS_LPS = np.diag([-1.0, -1.0, 1.0])
+DEFAULT_ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+
+
+def image_from_volume_node(volume_node) -> sitk.Image:
+    """A copy of a scalar volume node's voxels with its geometry (parent transforms are not applied)."""
+    image_data = volume_node.GetImageData() if volume_node is not None else None
+    if image_data is None:
+        raise InputImageError("No input volume, or the volume has no image data")
+    if image_data.GetNumberOfScalarComponents() != 1:
+        raise InputImageError(f"Volume '{volume_node.GetName()}' has {image_data.GetNumberOfScalarComponents()} "
+                              "components per voxel; a scalar (grey-level) volume is required")
+    dims = image_data.GetDimensions()
+    array = numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars()).reshape(dims[::-1])
+    image = sitk.GetImageFromArray(array)  # copies: the worker thread never touches MRML memory
+    ras_directions = np.zeros((3, 3))
+    volume_node.GetIJKToRASDirections(ras_directions)
+    image.SetDirection((RAS_LPS @ ras_directions).flatten().tolist())
+    image.SetSpacing(volume_node.GetSpacing())
+    image.SetOrigin((RAS_LPS @ np.array(volume_node.GetOrigin())).tolist())
+    return image
+
+
+def ensure_segmentation_converters() -> None:
+    """Slicer's Segmentations module registers these at start-up; bare MRML (slicer-core) needs them too."""
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    if not factory.GetConverterRules():
+        factory.RegisterConverterRule(slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule())
+        factory.RegisterConverterRule(slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule())
+
+
+def terminology_tag(label: Label) -> str | None:
+    """Slicer's serialised terminology entry: context~category~type~type modifier~anatomic context~region~modifier."""
+    terminology = label.terminology
+    if not terminology:
+        return None
+
+    def code(key: str) -> str:
+        return "^".join(terminology.get(key) or ["", "", ""])
+
+    return "~".join([terminology.get("contextName", ""), code("category"), code("type"), code("typeModifier"),
+                     terminology.get("anatomicContextName", DEFAULT_ANATOMIC_CONTEXT), code("anatomicRegion"),
+                     code("anatomicRegionModifier")])
+
+
+def update_segmentation_node(segmentation_node, labelmap: sitk.Image, labels: Sequence[Label], volume_node,
+                             replace: bool = True) -> list[str]:
+    """Put each label of ``labelmap`` (on ``volume_node``'s grid) into a named, coloured segment.
+
+    With ``replace``, segments of the same name are overwritten in place (their ids and display settings kept);
+    otherwise new segments are added. Returns the segment ids written, in label order.
+    """
+    ensure_segmentation_converters()
+    scene = segmentation_node.GetScene()
+    if tuple(labelmap.GetSize()) != tuple(volume_node.GetImageData().GetDimensions()):
+        raise InputImageError("The labelmap does not have the reference volume's size")
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    if volume_node.GetParentTransformNode() is not None:
+        segmentation_node.SetAndObserveTransformNodeID(volume_node.GetParentTransformNode().GetID())
+    segmentation = segmentation_node.GetSegmentation()
+    segment_ids = vtk.vtkStringArray()
+    for label in labels:
+        segment_id = segmentation.GetSegmentIdBySegmentName(label.name) if replace else ""
+        if not segment_id:
+            segment_id = segmentation.AddEmptySegment("", label.name, list(label.color))
+        segment = segmentation.GetSegment(segment_id)
+        segment.SetColor(list(label.color))
+        tag = terminology_tag(label)
+        if tag:
+            segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), tag)
+        segment_ids.InsertNextValue(segment_id)
+
+    with _temporary_nodes(scene):
+        labelmap_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__hybridmim_import__")
+        labelmap_node.CopyOrientation(volume_node)
+        image_data = vtk.vtkImageData()
+        image_data.SetDimensions(labelmap.GetSize())
+        image_data.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        values = numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars())
+        values[:] = sitk.GetArrayViewFromImage(labelmap).astype(np.uint8).ravel()
+        labelmap_node.SetAndObserveImageData(image_data)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
+                labelmap_node, segmentation_node, segment_ids):
+            raise RuntimeError("Slicer could not import the labelmap into the segmentation")
+    return [segment_ids.GetValue(i) for i in range(segment_ids.GetNumberOfValues())]
+
+
+def labelmap_array_from_segmentation(segmentation_node, segment_ids: Sequence[str], volume_node) -> np.ndarray:
+    """Export segments to a labelmap on ``volume_node``'s grid (value i+1 for segment_ids[i]); (k, j, i) array."""
+    ensure_segmentation_converters()
+    scene = segmentation_node.GetScene()
+    ids = vtk.vtkStringArray()
+    for segment_id in segment_ids:
+        ids.InsertNextValue(segment_id)
+    with _temporary_nodes(scene):
+        labelmap_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__hybridmim_export__")
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                segmentation_node, ids, labelmap_node, volume_node):
+            raise RuntimeError("Slicer could not export the segments to a labelmap")
+        image_data = labelmap_node.GetImageData()
+        dims = image_data.GetDimensions()
+        return numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars()).reshape(dims[::-1]).copy()
+
+
+@contextmanager
+def _temporary_nodes(scene):
+    """Remove every node added inside the block (temporary labelmaps and the colour tables and display nodes that
+    Slicer's import/export create for them); the scene's subject hierarchy singleton stays."""
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    try:
+        yield
+    finally:
+        added = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for node in added:
+            if node.GetID() not in before and not node.IsA("vtkMRMLSubjectHierarchyNode"):
+                scene.RemoveNode(node)
