@@ -13,8 +13,9 @@ from hybridmim.cases import Case
 class PatchSampler:
     """Draws (image, label) batches of a fixed patch size from labelled cases.
 
-    Volumes smaller than the patch are zero-padded, as sliding-window inference pads them. With probability
-    ``foreground_probability`` a crop is centred on a random labelled voxel, so small structures are seen often.
+    Crops may reach past the volume's edges (zero-filled, as sliding-window inference pads), so a volume smaller
+    than the patch appears at random positions: a network that only ever saw it in one corner learns that corner.
+    With probability ``foreground_probability`` a crop is centred on a random labelled voxel.
     """
 
     def __init__(self, cases: Sequence[Case], patch_size: Sequence[int], seed: int,
@@ -25,32 +26,37 @@ class PatchSampler:
         self.flip_axes = tuple(flip_axes)
         self.foreground_probability = foreground_probability
         self.intensity_jitter = intensity_jitter
-        self.cases = [self._pad(case) for case in cases]
+        self.cases = [(case.image, case.label) for case in cases]
         self.foreground = [np.argwhere(label > 0) for _, label in self.cases]
 
-    def _pad(self, case: Case) -> tuple[np.ndarray, np.ndarray]:
-        shape = case.image.shape[1:]
-        pad = [(0, max(p - s, 0)) for s, p in zip(shape, self.patch)]
-        image = np.pad(case.image, [(0, 0), *pad])
-        label = np.pad(case.label, pad)
-        return image, label
-
     def _crop_start(self, index: int) -> list[int]:
-        image, _ = self.cases[index]
-        shape = image.shape[1:]
+        """Start of a crop; may lie outside the volume (negative, or past the end when the volume is smaller
+        than the patch), so the volume lands anywhere in the patch, not always in one corner."""
+        shape = self.cases[index][0].shape[1:]
+        low = [min(0, s - p) for s, p in zip(shape, self.patch)]
+        high = [max(0, s - p) for s, p in zip(shape, self.patch)]
         foreground = self.foreground[index]
         if len(foreground) and self.rng.random() < self.foreground_probability:
             centre = foreground[self.rng.integers(len(foreground))]
-            return [int(np.clip(c - p // 2, 0, s - p)) for c, p, s in zip(centre, self.patch, shape)]
-        return [int(self.rng.integers(0, s - p + 1)) for p, s in zip(self.patch, shape)]
+            return [int(np.clip(c - p // 2, lo, hi)) for c, p, lo, hi in zip(centre, self.patch, low, high)]
+        return [int(self.rng.integers(lo, hi + 1)) for lo, hi in zip(low, high)]
+
+    def _crop(self, array: np.ndarray, start: list[int]) -> np.ndarray:
+        """``array[..., start:start+patch]`` with zeros where the window leaves the volume (as inference pads)."""
+        out = np.zeros((*array.shape[:-3], *self.patch), array.dtype)
+        source, target = [], []
+        for begin, size, extent in zip(start, self.patch, array.shape[-3:]):
+            first, last = max(begin, 0), min(begin + size, extent)
+            source.append(slice(first, last))
+            target.append(slice(first - begin, last - begin))
+        out[(..., *target)] = array[(..., *source)]
+        return out
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         index = int(self.rng.integers(len(self.cases)))
         image, label = self.cases[index]
-        x, y, z = self._crop_start(index)
-        px, py, pz = self.patch
-        image = image[:, x:x + px, y:y + py, z:z + pz]
-        label = label[x:x + px, y:y + py, z:z + pz]
+        start = self._crop_start(index)
+        image, label = self._crop(image, start), self._crop(label, start)
         for axis in self.flip_axes:
             if self.rng.random() < 0.5:
                 image, label = np.flip(image, axis + 1), np.flip(label, axis)

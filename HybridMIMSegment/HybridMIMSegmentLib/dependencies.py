@@ -14,14 +14,13 @@ import slicer
 
 logger = logging.getLogger(__name__)
 
-#: import name -> pip requirement. numpy and SimpleITK are Slicer's own and never installed here.
+#: import name -> pip requirement of what the engine uses in Slicer (the CLI's tqdm/pillow are not needed).
+#: numpy and SimpleITK are Slicer's own and never installed here.
 REQUIREMENTS = {
     "monai": "monai>=1.4,<1.7",
     "safetensors": "safetensors>=0.4",
     "slicerio": "slicerio>=1.4",
     "einops": "einops>=0.7",
-    "tqdm": "tqdm>=4.60",
-    "PIL": "pillow>=10",
 }
 SLICER_OWNED = ["numpy", "SimpleITK", "torch", "vtk"]
 MINIMUM_TORCH = "2.3"

@@ -34,21 +34,42 @@ def test_split_is_seeded_disjoint_and_order_independent(shared_data):
     assert [c.name for c in split_cases(cases, 0.2, seed=1)[1]] != [c.name for c in validation]
 
 
-def test_sampler_crops_match_between_image_and_label(shared_data):
+def hippocampus_case(shared_data, index: int = 0):
     config = json.loads((REPO / "training" / "configs" / "hippocampus_cnn.json").read_text())
     card = ModelCard.from_dict({**config["card"], "weights": {"file": "model.safetensors", "sha256": ""}})
-    entry = read_datalist(shared_data / "hippocampus" / "dataset.json")[0]
-    case = load_case(card, entry.image, entry.label)
-    sampler = PatchSampler([case], (32, 32, 32), seed=0, foreground_probability=1.0, intensity_jitter=0)
+    entry = read_datalist(shared_data / "hippocampus" / "dataset.json")[index]
+    return load_case(card, entry.image, entry.label)
+
+
+def test_sampler_crops_match_between_image_and_label(shared_data):
+    case = hippocampus_case(shared_data)
+    sampler = PatchSampler([case], (16, 16, 16), seed=0, foreground_probability=1.0, intensity_jitter=0)
     images, labels = sampler.batch(4)
-    assert images.shape == (4, 1, 32, 32, 32) and labels.shape == (4, 1, 32, 32, 32)
+    assert images.shape == (4, 1, 16, 16, 16) and labels.shape == (4, 1, 16, 16, 16)
     assert all(labels[i].sum() > 0 for i in range(4))  # foreground-centred crops contain the structure
-    # each crop is a real sub-block of the case: find it by matching the image and check the label agrees
-    image, label = sampler.cases[0]
     patch = images[0, 0].numpy()
-    hits = np.argwhere(np.isclose(image[0], patch[0, 0, 0]))
-    assert any(np.array_equal(image[0, x:x + 32, y:y + 32, z:z + 32], patch)
-               and np.array_equal(label[x:x + 32, y:y + 32, z:z + 32], labels[0, 0].numpy()) for x, y, z in hits)
+    hits = np.argwhere(np.isclose(case.image[0], patch[0, 0, 0]))
+    assert any(np.array_equal(case.image[0, x:x + 16, y:y + 16, z:z + 16], patch)
+               and np.array_equal(case.label[x:x + 16, y:y + 16, z:z + 16], labels[0, 0].numpy())
+               for x, y, z in hits)
+
+
+def test_volume_smaller_than_patch_lands_at_random_places(shared_data):
+    """Sliding-window inference centres a small volume in the window; training must not teach one corner."""
+    case = hippocampus_case(shared_data)
+    shape = case.image.shape[1:]
+    sampler = PatchSampler([case], (48, 64, 48), seed=0, foreground_probability=0.0, intensity_jitter=0)
+    offsets = set()
+    for _ in range(20):
+        image, label = sampler.sample()
+        inside = np.argwhere(image[0] != 0)
+        offset = tuple(inside.min(0))
+        x, y, z = offset
+        assert np.array_equal(image[0, x:x + shape[0], y:y + shape[1], z:z + shape[2]], case.image[0])
+        assert np.array_equal(label[x:x + shape[0], y:y + shape[1], z:z + shape[2]], case.label)
+        assert label.sum() == case.label.sum()
+        offsets.add(offset)
+    assert len(offsets) > 10
 
 
 def test_supervised_training_writes_loadable_model_with_card(shared_data, tmp_path):
