@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.log_dir:
                 args.log_dir.mkdir(parents=True, exist_ok=True)
-            folder = train_supervised(json.loads(args.config.read_text()), args.dataset, args.output,
+            folder = train_supervised(json.loads(args.config.read_text(encoding="utf-8")), args.dataset, args.output,
                                       args.device, args.log_dir, args.steps)
             print(f"Model written to {folder}")
         else:

@@ -23,7 +23,7 @@ def read_datalist(dataset_json: str | Path, key: str = "training") -> list[CaseP
     """Cases of ``key`` with paths resolved against the JSON file's folder."""
     dataset_json = Path(dataset_json)
     root = dataset_json.parent
-    entries = json.loads(dataset_json.read_text())[key]
+    entries = json.loads(dataset_json.read_text(encoding="utf-8"))[key]
     cases = []
     for entry in entries:
         image = entry["image"] if isinstance(entry, dict) else entry

@@ -36,8 +36,8 @@ def evaluate(segmenter: Segmenter, cases: list[CasePaths]) -> dict:
 
 def write_report(report: dict, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
-    with open(folder / "evaluation.csv", "w", newline="") as stream:
+    (folder / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    with open(folder / "evaluation.csv", "w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=list(report["cases"][0]))
         writer.writeheader()
         writer.writerows(report["cases"])

@@ -1,11 +1,14 @@
-"""Random training patches from cases held in memory: foreground-biased crops, flips and intensity jitter."""
+"""Random training patches from cases held in memory: foreground-biased crops, rotation/scaling, flips and
+intensity jitter."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from hybridmim.cases import Case
 
@@ -20,8 +23,12 @@ class PatchSampler:
 
     def __init__(self, cases: Sequence[Case], patch_size: Sequence[int], seed: int,
                  flip_axes: Sequence[int] = (), foreground_probability: float = 0.33,
-                 intensity_jitter: float = 0.1) -> None:
+                 intensity_jitter: float = 0.1, rotation_degrees: float = 0.0, scale_range: Sequence[float] = (1, 1),
+                 spatial_probability: float = 0.0) -> None:
         self.patch = tuple(int(p) for p in patch_size)
+        self.rotation_degrees = rotation_degrees
+        self.scale_range = tuple(scale_range)
+        self.spatial_probability = spatial_probability
         self.rng = np.random.default_rng(seed)
         self.flip_axes = tuple(flip_axes)
         self.foreground_probability = foreground_probability
@@ -68,4 +75,32 @@ class PatchSampler:
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = zip(*(self.sample() for _ in range(size)))
-        return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels)[:, None].astype(np.int64))
+        images = torch.from_numpy(np.stack(images))
+        labels = torch.from_numpy(np.stack(labels)[:, None].astype(np.int64))
+        chosen = [i for i in range(size) if self.rng.random() < self.spatial_probability]
+        if chosen:
+            images[chosen], labels[chosen] = self._rotate_and_scale(images[chosen], labels[chosen])
+        return images, labels
+
+    def _rotate_and_scale(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random rotation about the three axes and isotropic scaling around the patch centre, in voxel space
+        (so non-cubic patches are not sheared); labels resampled with nearest neighbour, outside filled with 0."""
+        count = images.shape[0]
+        half = torch.tensor(self.patch[::-1], dtype=torch.float64) / 2  # affine_grid's x, y, z are W, H, D
+        thetas = []
+        for _ in range(count):
+            rotation = torch.eye(3, dtype=torch.float64)
+            for axis in range(3):
+                angle = math.radians(self.rng.uniform(-self.rotation_degrees, self.rotation_degrees))
+                c, s = math.cos(angle), math.sin(angle)
+                i, j = [k for k in range(3) if k != axis]
+                step = torch.eye(3, dtype=torch.float64)
+                step[i, i], step[i, j], step[j, i], step[j, j] = c, -s, s, c
+                rotation = step @ rotation
+            rotation = rotation / self.rng.uniform(*self.scale_range)
+            thetas.append(torch.diag(1 / half) @ rotation @ torch.diag(half))
+        theta = torch.cat([torch.stack(thetas), torch.zeros(count, 3, 1, dtype=torch.float64)], 2).float()
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        labels = F.grid_sample(labels.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        return images, labels.long()

@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TRAINING = {"steps": 2000, "batch_size": 2, "learning_rate": 2e-3, "weight_decay": 1e-5,
                     "warmup_steps": 100, "validation_fraction": 0.2, "seed": 0, "flip_axes": [],
-                    "foreground_probability": 0.33}
+                    "foreground_probability": 0.33, "rotation_degrees": 0.0, "scale_range": [1.0, 1.0],
+                    "spatial_probability": 0.0}
 
 
 def warmup_cosine(warmup: int, total: int):
@@ -58,7 +59,8 @@ def train_supervised(config: dict[str, Any], dataset_json: Path, output: Path, d
     logger.info("%d training cases, %d validation cases", len(train_paths), len(validation_paths))
     cases = [load_case(card, c.image, c.label, c.name) for c in tqdm(train_paths, desc="loading", leave=False)]
     sampler = PatchSampler(cases, card.patch_size, settings["seed"], settings["flip_axes"],
-                           settings["foreground_probability"])
+                           settings["foreground_probability"], rotation_degrees=settings["rotation_degrees"],
+                           scale_range=settings["scale_range"], spatial_probability=settings["spatial_probability"])
 
     network = build_network(card.architecture["name"], card.in_channels, card.out_channels,
                             **card.architecture.get("args", {})).to(target)
@@ -69,7 +71,7 @@ def train_supervised(config: dict[str, Any], dataset_json: Path, output: Path, d
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=target.type == "cuda")
 
-    log = open(Path(log_dir) / "train_log.jsonl", "a") if log_dir else None  # noqa: SIM115
+    log = open(Path(log_dir) / "train_log.jsonl", "a", encoding="utf-8") if log_dir else None  # noqa: SIM115
     started = time.time()
     network.train()
     bar = tqdm(range(settings["steps"]), desc=f"training {card.id}")

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from tqdm import tqdm
 
@@ -21,9 +20,7 @@ def _segment(args: argparse.Namespace) -> int:
     from .inference import Segmenter
     from .preview import write_preview
 
-    output = check_output_path(args.output)
-    if output.resolve() == Path(args.input).resolve():
-        raise HybridMIMError("The output would overwrite the input volume; choose another output path")
+    output = check_output_path(args.output, args.input)
     if args.preview and not str(args.preview).lower().endswith(".png"):
         raise HybridMIMError("--preview must name a .png file")
     volume = read_volume(args.input)

@@ -122,13 +122,15 @@ def _first_line(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def check_output_path(path: str | os.PathLike) -> Path:
-    """Refuse an output name whose format we cannot write, before any work is done."""
+def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | None = None) -> Path:
+    """Refuse, before any work is done, an output name we cannot write or one that would overwrite the input."""
     path = Path(path)
     if not path.name.lower().endswith(LABELMAP_SUFFIXES):
         raise OutputError(f"Cannot write '{path.name}': use one of {', '.join(LABELMAP_SUFFIXES)}")
     if path.is_dir():
         raise OutputError(f"Output {path} is a folder; give a file name")
+    if input_path is not None and path.resolve() == Path(input_path).resolve():
+        raise OutputError("The output would overwrite the input volume; choose another output path")
     return path
 
 

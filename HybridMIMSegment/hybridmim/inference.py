@@ -92,7 +92,7 @@ class Segmenter:
         progress(0.0, "preprocessing")
         volume = normalize_intensity(image_to_canonical(image, grid), card.intensity)
         tensor = resize(torch.from_numpy(volume)[None], grid.model_shape)
-        windows_progress = lambda f, m: progress(0.05 + 0.9 * f, m)  # noqa: E731
+        windows_progress = lambda f, m: progress(0.05 + 0.85 * f, m)  # noqa: E731
         try:
             logits = self.predict_logits(tensor, windows_progress, cancel)
         except torch.cuda.OutOfMemoryError:
@@ -118,9 +118,7 @@ def segment_file(input_path: str | os.PathLike, output_path: str | os.PathLike, 
                  cancel: CancelToken | None = None) -> Path:
     """Read, segment and write. Inputs and the output name are checked before any work; nothing is written on
     error or cancellation."""
-    output_path = check_output_path(output_path)
-    if Path(output_path).resolve() == Path(input_path).resolve():
-        raise HybridMIMError("The output would overwrite the input volume; choose another output path")
+    output_path = check_output_path(output_path, input_path)
     image = read_volume(input_path)
     segmenter = Segmenter(model, device)
     labelmap = segmenter.segment(image, progress, cancel)

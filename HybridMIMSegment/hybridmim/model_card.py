@@ -67,7 +67,7 @@ class ModelCard:
         return asdict(self)
 
     def save(self, folder: Path) -> None:
-        (Path(folder) / CARD_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        (Path(folder) / CARD_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "model card") -> ModelCard:
@@ -93,7 +93,7 @@ class ModelCard:
         if not path.is_file():
             raise ModelCardError(f"No {CARD_FILE} in model folder {folder}")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ModelCardError(f"{path}: not a readable JSON model card ({error})") from error
         return cls.from_dict(data, source=str(path))

@@ -144,7 +144,9 @@ def save_model(folder: Path, network: torch.nn.Module, card: ModelCard, half: bo
                         "dtype": "float16" if half else "float32"}
         card.validate()
         card.save(staging)
-        staging.chmod(0o755)  # mkdtemp makes it private; a model folder is meant to be shared
+        staging.chmod(0o755)  # mkdtemp (and safetensors) make them private; a model folder is meant to be shared
+        for written in staging.iterdir():
+            written.chmod(0o644)
         os.replace(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

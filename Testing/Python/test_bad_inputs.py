@@ -53,7 +53,7 @@ def make_truncated_raw(folder: Path) -> Path:
 
 def make_text(folder: Path) -> Path:
     path = folder / "notes.nrrd"
-    path.write_text("This is a text file, not an image.\n")
+    path.write_text("This is a text file, not an image.\n", encoding="utf-8")
     return path
 
 

@@ -104,9 +104,9 @@ def test_bundled_model_is_listed_and_resolves_by_id():
 
 
 def test_card_missing_fields_is_a_clear_error(model_copy):
-    card = json.loads((model_copy / "card.json").read_text())
+    card = json.loads((model_copy / "card.json").read_text(encoding="utf-8"))
     del card["labels"]
-    (model_copy / "card.json").write_text(json.dumps(card))
+    (model_copy / "card.json").write_text(json.dumps(card), encoding="utf-8")
     with pytest.raises(ModelCardError, match="missing field.*labels"):
         load_model(model_copy)
 

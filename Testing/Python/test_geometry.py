@@ -82,22 +82,24 @@ def test_permuted_and_flipped_volume_maps_back_to_the_same_voxels(segmenter, sam
 
 
 def test_anisotropic_oblique_volume_round_trips_through_files(segmenter, sample, tmp_path):
-    """Resampled to 0.7 x 1.0 x 2.5 mm on an oblique grid: the result is on that grid, in memory and on disk,
-    and still overlaps the reference (resampled the same way)."""
-    direction = rotation(25, 1) @ np.array(sample.GetDirection()).reshape(3, 3)
+    """An oblique acquisition at 0.7 x 1.0 x 2.5 mm (the sample resampled to that spacing, its grid then tilted by
+    25 degrees with the anatomy, as an oblique scan is): the result is on that grid, in memory and on disk, and
+    overlaps the reference resampled the same way."""
     spacing = (0.7, 1.0, 2.5)
     extent = np.array(sample.GetSize()) * np.array(sample.GetSpacing())
     grid = sitk.Image([int(n) for n in np.ceil(extent / spacing)], sitk.sitkFloat32)
     grid.SetSpacing(spacing)
-    grid.SetDirection(direction.flatten().tolist())
+    grid.SetDirection(sample.GetDirection())
     grid.SetOrigin(sample.TransformContinuousIndexToPhysicalPoint([-0.5, -0.5, -0.5]))
-    volume = sitk.Resample(sample, grid, sitk.Transform(), sitk.sitkLinear, 0.0)
-    reference = sitk.Resample(sitk.ReadImage(str(SAMPLE_LABEL)), grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    direction = rotation(25, 1) @ np.array(sample.GetDirection()).reshape(3, 3)
+    volume = with_direction(sitk.Resample(sample, grid, sitk.Transform(), sitk.sitkLinear, 0.0), direction)
+    reference = with_direction(sitk.Resample(sitk.ReadImage(str(SAMPLE_LABEL)), grid, sitk.Transform(),
+                                             sitk.sitkNearestNeighbor, 0), direction)
 
     labels = segmenter.segment(volume)
     assert_same_grid(labels, volume)
     dice = dice_per_label(sitk.GetArrayFromImage(labels), sitk.GetArrayFromImage(reference), [1, 2])
-    assert min(dice.values()) > 0.6
+    assert min(dice.values()) > 0.7
 
     for name in ("labels.nii.gz", "labels.nrrd"):
         written = sitk.ReadImage(str(write_labelmap(labels, tmp_path / name, segmenter.card.labels)))

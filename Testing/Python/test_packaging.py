@@ -14,7 +14,7 @@ MODULE = REPO / "HybridMIMSegment"
 
 
 def test_module_cmakelists_lists_every_python_file_and_resource():
-    cmake = (MODULE / "CMakeLists.txt").read_text()
+    cmake = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     listed = set(re.findall(r"^\s+([\w/${}]+\.(?:py|png|ui))\s*$", cmake, re.MULTILINE))
     listed = {name.replace("${MODULE_NAME}", "HybridMIMSegment") for name in listed}
     on_disk = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*.py") if "__pycache__" not in p.parts}
@@ -25,22 +25,22 @@ def test_module_cmakelists_lists_every_python_file_and_resource():
 
 
 def test_extension_description_depends_on_pytorch():
-    assert re.search(r"set\(EXTENSION_DEPENDS\s+PyTorch\)", (REPO / "CMakeLists.txt").read_text())
-    assert re.search(r"^depends PyTorch$", (REPO / "HybridMIMSegment.s4ext").read_text(), re.MULTILINE)
-    entry = json.loads((REPO / "HybridMIMSegment.json").read_text())
+    assert re.search(r"set\(EXTENSION_DEPENDS\s+PyTorch\)", (REPO / "CMakeLists.txt").read_text(encoding="utf-8"))
+    assert re.search(r"^depends PyTorch$", (REPO / "HybridMIMSegment.s4ext").read_text(encoding="utf-8"), re.MULTILINE)
+    entry = json.loads((REPO / "HybridMIMSegment.json").read_text(encoding="utf-8"))
     assert entry["build_dependencies"] == ["PyTorch"] and entry["category"] == "Segmentation"
 
 
 def test_every_ui_name_the_widget_uses_exists_in_the_ui_file():
     names = {w.get("name") for w in ET.parse(MODULE / "Resources" / "UI" / "HybridMIMSegment.ui").iter("widget")}
-    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "HybridMIMSegment.py").read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", (MODULE / "HybridMIMSegment.py").read_text(encoding="utf-8")))
     assert used and used <= names, f"not in the .ui file: {sorted(used - names)}"
 
 
 def test_ui_parameter_bindings_name_parameter_node_fields():
     tree = ET.parse(MODULE / "Resources" / "UI" / "HybridMIMSegment.ui")
     bound = {p.find("string").text for p in tree.iter("property") if p.get("name") == "SlicerParameterName"}
-    source = (MODULE / "HybridMIMSegment.py").read_text()
+    source = (MODULE / "HybridMIMSegment.py").read_text(encoding="utf-8")
     parameter_class = source.split("class HybridMIMSegmentParameterNode")[1].split("\nclass ")[0]
     fields = set(re.findall(r"^    (\w+): ", parameter_class, re.MULTILINE))
     assert bound and bound <= fields, f"bound but not parameters: {sorted(bound - fields)}"
@@ -49,7 +49,7 @@ def test_ui_parameter_bindings_name_parameter_node_fields():
 def test_engine_and_training_never_import_slicer_qt_or_vtk():
     forbidden = {"slicer", "qt", "vtk", "ctk"}
     for path in [*(MODULE / "hybridmim").rglob("*.py"), *(REPO / "training").rglob("*.py")]:
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 roots = {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

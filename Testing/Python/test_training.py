@@ -17,10 +17,10 @@ from hybridmim_training.supervised import train_supervised
 
 def small_dataset(shared_data, tmp_path, count: int = 10):
     source = shared_data / "hippocampus"
-    entries = json.loads((source / "dataset.json").read_text())["training"][:count]
+    entries = json.loads((source / "dataset.json").read_text(encoding="utf-8"))["training"][:count]
     dataset = {"training": [{k: str(source / v) for k, v in entry.items()} for entry in entries]}
     path = tmp_path / "dataset.json"
-    path.write_text(json.dumps(dataset))
+    path.write_text(json.dumps(dataset), encoding="utf-8")
     return path
 
 
@@ -35,7 +35,7 @@ def test_split_is_seeded_disjoint_and_order_independent(shared_data):
 
 
 def hippocampus_case(shared_data, index: int = 0):
-    config = json.loads((REPO / "training" / "configs" / "hippocampus_cnn.json").read_text())
+    config = json.loads((REPO / "training" / "configs" / "hippocampus_cnn.json").read_text(encoding="utf-8"))
     card = ModelCard.from_dict({**config["card"], "weights": {"file": "model.safetensors", "sha256": ""}})
     entry = read_datalist(shared_data / "hippocampus" / "dataset.json")[index]
     return load_case(card, entry.image, entry.label)
@@ -73,7 +73,7 @@ def test_volume_smaller_than_patch_lands_at_random_places(shared_data):
 
 
 def test_supervised_training_writes_loadable_model_with_card(shared_data, tmp_path):
-    config = json.loads((REPO / "training" / "configs" / "hippocampus_cnn.json").read_text())
+    config = json.loads((REPO / "training" / "configs" / "hippocampus_cnn.json").read_text(encoding="utf-8"))
     config["card"]["architecture"]["args"] = {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}
     config["training"].update(steps=40, batch_size=2, warmup_steps=5, validation_fraction=0.3)
     output = train_supervised(config, small_dataset(shared_data, tmp_path), tmp_path / "model", device="cpu",
@@ -82,9 +82,10 @@ def test_supervised_training_writes_loadable_model_with_card(shared_data, tmp_pa
     assert card.training["steps"] == 40 and card.training["train_cases"] == 7
     assert len(card.metrics["validation_cases"]) == 3
     assert 0 <= card.metrics["dice"]["mean"] <= 1
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    log = (tmp_path / "train_log.jsonl").read_text(encoding="utf-8")
+    losses = [json.loads(line)["loss"] for line in log.splitlines()]
     assert np.mean(losses[-2:]) < losses[0]
-    report = json.loads((tmp_path / "evaluation.json").read_text())
+    report = json.loads((tmp_path / "evaluation.json").read_text(encoding="utf-8"))
     assert {row["case"] for row in report["cases"]} == set(card.metrics["validation_cases"])
     segmenter = Segmenter(output, "cpu")
     assert segmenter.card.id == "hippocampus-cnn"
