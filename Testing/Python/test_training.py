@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 
 from conftest import REPO
 from hybridmim.cases import load_case
@@ -89,3 +90,17 @@ def test_supervised_training_writes_loadable_model_with_card(shared_data, tmp_pa
     assert {row["case"] for row in report["cases"]} == set(card.metrics["validation_cases"])
     segmenter = Segmenter(output, "cpu")
     assert segmenter.card.id == "hippocampus-cnn"
+
+
+def test_rotation_and_scaling_keep_image_and_label_aligned(shared_data):
+    """Resample an image that *is* its label: after augmentation the two must still coincide."""
+    case = hippocampus_case(shared_data)
+    sampler = PatchSampler([case], (48, 64, 48), seed=0, intensity_jitter=0, rotation_degrees=20,
+                           scale_range=(0.8, 1.2), spatial_probability=1.0)
+    _, labels = PatchSampler([case], (48, 64, 48), seed=1, intensity_jitter=0).batch(4)
+    moved_images, moved_labels = sampler._rotate_and_scale(labels.float(), labels)
+    assert not torch.equal(moved_labels, labels)
+    assert moved_labels.dtype == torch.int64 and set(moved_labels.unique().tolist()) <= {0, 1, 2}
+    agreement = (moved_images.round().long() == moved_labels).float().mean()
+    assert agreement > 0.98
+    assert 0.5 < (moved_labels > 0).sum() / (labels > 0).sum() < 2.0  # scaling stays within (0.8, 1.2)^3
