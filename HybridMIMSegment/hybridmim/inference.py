@@ -17,6 +17,7 @@ from monai.inferers import sliding_window_inference
 from .errors import HybridMIMError
 from .geometry import image_to_canonical, labels_to_image, model_grid, resize
 from .imageio import check_output_path, read_volume, write_labelmap
+from .model_card import ModelCard
 from .model_store import LoadedModel, load_model
 from .preprocessing import normalize_intensity
 from .progress import CancelToken, ProgressCallback, no_progress
@@ -59,14 +60,16 @@ class Segmenter:
         self.sw_batch_size = sw_batch_size
 
     @property
-    def card(self):
+    def card(self) -> ModelCard:
         return self.model.card
 
-    def predict_logits(self, volume: torch.Tensor, progress: ProgressCallback = no_progress,
-                       cancel: CancelToken | None = None) -> torch.Tensor:
-        """(C, X, Y, Z) normalised input on the model grid -> (classes, X, Y, Z) float logits on the CPU."""
+    def predict_probabilities(self, volume: torch.Tensor, progress: ProgressCallback = no_progress,
+                              cancel: CancelToken | None = None) -> torch.Tensor:
+        """(C, X, Y, Z) normalised input on the model grid -> (classes, X, Y, Z) softmax probabilities on the CPU,
+        averaged over the card's test-time flips (``inference.tta_flip_axes``, canonical axes)."""
         roi = tuple(int(p) for p in self.card.patch_size)
-        total = math.ceil(window_count(volume.shape[1:], roi, self.overlap) / self.sw_batch_size)
+        flips = [(), *((int(axis),) for axis in self.card.inference.get("tta_flip_axes", []))]
+        total = len(flips) * math.ceil(window_count(volume.shape[1:], roi, self.overlap) / self.sw_batch_size)
         done = 0
 
         def predictor(windows: torch.Tensor) -> torch.Tensor:
@@ -79,10 +82,17 @@ class Segmenter:
             return output
 
         autocast = (torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else nullcontext())
+        probabilities = None
         with torch.inference_mode(), autocast:
-            logits = sliding_window_inference(volume[None].to(self.device), roi, self.sw_batch_size, predictor,
-                                              overlap=self.overlap, mode="gaussian")
-        return logits[0].float().cpu()
+            for flip in flips:
+                dims = [axis + 2 for axis in flip]
+                flipped = volume[None].to(self.device).flip(dims) if dims else volume[None].to(self.device)
+                logits = sliding_window_inference(flipped, roi, self.sw_batch_size, predictor,
+                                                  overlap=self.overlap, mode="gaussian")
+                scores = torch.softmax(logits.float(), 1)
+                scores = scores.flip(dims) if dims else scores
+                probabilities = scores if probabilities is None else probabilities + scores
+        return (probabilities[0] / len(flips)).cpu()
 
     def segment(self, image: sitk.Image, progress: ProgressCallback = no_progress,
                 cancel: CancelToken | None = None) -> sitk.Image:
@@ -94,7 +104,7 @@ class Segmenter:
         tensor = resize(torch.from_numpy(volume)[None], grid.model_shape)
         windows_progress = lambda f, m: progress(0.05 + 0.85 * f, m)  # noqa: E731
         try:
-            logits = self.predict_logits(tensor, windows_progress, cancel)
+            probabilities = self.predict_probabilities(tensor, windows_progress, cancel)
         except torch.cuda.OutOfMemoryError:
             if self.device.type != "cuda":
                 raise
@@ -103,11 +113,11 @@ class Segmenter:
             torch.cuda.empty_cache()
             self.device = torch.device("cpu")
             self.model.network.to(self.device)
-            logits = self.predict_logits(tensor, windows_progress, cancel)
+            probabilities = self.predict_probabilities(tensor, windows_progress, cancel)
         if cancel is not None:
             cancel.raise_if_cancelled()
         progress(0.95, "postprocessing")
-        labels = resize(logits, grid.canonical_shape).argmax(0).to(torch.uint8).numpy()
+        labels = resize(probabilities, grid.canonical_shape).argmax(0).to(torch.uint8).numpy()
         labelmap = labels_to_image(labels, grid, image)
         progress(1.0, "done")
         return labelmap

@@ -134,3 +134,16 @@ def test_save_model_refuses_to_overwrite(model_copy):
     loaded = load_model(model_copy)
     with pytest.raises(FileExistsError):
         save_model(model_copy, loaded.network, loaded.card)
+
+
+def test_test_time_flips_from_the_card_are_applied(segmenter, model_copy):
+    """A card asking for flip test-time augmentation runs the windows once per view and agrees with the plain run."""
+    card = json.loads((model_copy / "card.json").read_text(encoding="utf-8"))
+    card["inference"]["tta_flip_axes"] = [0]
+    (model_copy / "card.json").write_text(json.dumps(card), encoding="utf-8")
+    volume = read_volume(SAMPLE_IMAGE)
+    messages = []
+    augmented = Segmenter(model_copy, "cpu").segment(volume, lambda fraction, message: messages.append(message))
+    assert "window batch 2/2" in messages  # the sample fits one window: two views, two batches
+    plain = segmenter.segment(volume)
+    assert (sitk.GetArrayFromImage(augmented) == sitk.GetArrayFromImage(plain)).mean() > 0.98
