@@ -59,6 +59,14 @@ def _unet(in_channels: int, out_channels: int, **args: Any) -> nn.Module:
     return UNet(in_channels=in_channels, out_channels=out_channels, **args)
 
 
+@register_network("basicunet", family="cnn")
+def _basicunet(in_channels: int, out_channels: int, **args: Any) -> nn.Module:
+    from monai.networks.nets import BasicUNet
+
+    args.setdefault("spatial_dims", 3)
+    return BasicUNet(in_channels=in_channels, out_channels=out_channels, **args)
+
+
 @register_network("segresnet", family="cnn")
 def _segresnet(in_channels: int, out_channels: int, **args: Any) -> nn.Module:
     from monai.networks.nets import SegResNet

@@ -1,0 +1,56 @@
+"""HybridMIM losses: pixel level (masked reconstruction of the decoded region), region level (masked-patch count
+and location with a consistency term that has gradients on both sides) and sample level (NT-Xent with the other
+samples of the global batch as negatives)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def masked_reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over masked voxels only (all tensors cropped to the decoded region)."""
+    squared = (reconstruction.float() - target.float()) ** 2 * mask
+    return squared.sum() / mask.sum().clamp(min=1.0)
+
+
+def count_loss(count_logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(B, S, 9) logits vs (B, S) masked-patch counts."""
+    return F.cross_entropy(count_logits.flatten(0, 1).float(), counts.flatten())
+
+
+def location_loss(location_logits: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """(B, S, 8) logits vs (B, S, 8) masked bits."""
+    return F.binary_cross_entropy_with_logits(location_logits.float(), bits)
+
+
+def consistency_loss(count_logits: torch.Tensor, location_logits: torch.Tensor) -> torch.Tensor:
+    """The count implied by the count head and by the location head should agree; both sides get gradients."""
+    classes = torch.arange(count_logits.shape[-1], device=count_logits.device, dtype=torch.float32)
+    from_count = (count_logits.float().softmax(-1) * classes).sum(-1)
+    from_location = location_logits.float().sigmoid().sum(-1)
+    return F.mse_loss(from_count, from_location)
+
+
+def gather_with_gradient(features: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``features`` from all ranks; this rank's slice keeps its gradient."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return features
+    gathered = [torch.zeros_like(features) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, features.detach())
+    gathered[dist.get_rank()] = features
+    return torch.cat(gathered)
+
+
+def nt_xent_loss(anchors: torch.Tensor, positives: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """NT-Xent over the global batch: anchor i's positive is positive i, every other anchor and positive of every
+    rank is a negative. Non-zero for one sample per GPU as soon as there are several GPUs or samples."""
+    anchors = F.normalize(gather_with_gradient(anchors).float(), dim=1)
+    positives = F.normalize(gather_with_gradient(positives).float(), dim=1)
+    count = anchors.shape[0]
+    features = torch.cat([anchors, positives])
+    similarity = features @ features.t() / temperature
+    similarity.fill_diagonal_(float("-inf"))
+    targets = torch.cat([torch.arange(count, 2 * count), torch.arange(count)]).to(similarity.device)
+    return F.cross_entropy(similarity, targets)

@@ -1,0 +1,59 @@
+"""The two-level masking hierarchy of HybridMIM, kept as explicit tensors (never inferred from voxel values).
+
+A crop of ``grid * patch`` voxels per side is a grid of patches (level 2; authors: 6 x 6 x 6 patches of 16^3 in a
+96^3 crop). Every 2 x 2 x 2 block of patches is a sub-volume (level 1; 3 x 3 x 3 of 32^3). Per sub-volume the
+targets are how many of its 8 patches are masked and which ones, built by reshaping the patch mask, so they match
+the mask geometrically.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PATCHES_PER_SUBVOLUME = 2  # per side
+
+
+def random_patch_mask(batch: int, grid: int, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(batch, grid, grid, grid) bool: exactly round(ratio * grid^3) patches masked per sample, chosen uniformly."""
+    count = round(ratio * grid**3)
+    order = torch.rand(batch, grid**3, generator=generator).argsort(1)
+    mask = torch.zeros(batch, grid**3, dtype=torch.bool)
+    mask.scatter_(1, order[:, :count], True)
+    return mask.reshape(batch, grid, grid, grid)
+
+
+def voxel_mask(patch_mask: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, g, g, g) patch mask -> (B, 1, g*p, g*p, g*p) float voxel mask (1 = masked)."""
+    mask = patch_mask.float()
+    for dim in (1, 2, 3):
+        mask = mask.repeat_interleave(patch_size, dim)
+    return mask[:, None]
+
+
+def apply_mask(images: torch.Tensor, mask: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """Replace masked voxels by ``fill`` (authors: 0 in image space)."""
+    return images * (1 - mask) + fill * mask
+
+
+def subvolume_targets(patch_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sub-volume: masked-patch count (B, S^3) in 0..8 and masked bits (B, S^3, 8).
+
+    Sub-volume (a, b, c) is index a*S*S + b*S + c; its bit (p, q, r) is index p*4 + q*2 + r and refers to patch
+    (2a+p, 2b+q, 2c+r). The authors' code instead took patches 8i..8i+7 in raster order (not a sub-volume).
+    """
+    batch, grid = patch_mask.shape[0], patch_mask.shape[1]
+    s, p = grid // PATCHES_PER_SUBVOLUME, PATCHES_PER_SUBVOLUME
+    bits = patch_mask.reshape(batch, s, p, s, p, s, p).permute(0, 1, 3, 5, 2, 4, 6).reshape(batch, s**3, p**3)
+    return bits.sum(-1).long(), bits.float()
+
+
+def region_slices(corner: tuple[int, int, int], subvolume_size: int, stride: int = 1) -> tuple[slice, ...]:
+    """Spatial slices of the 2 x 2 x 2 sub-volume block whose first sub-volume is ``corner`` (each 0 or 1), at a
+    feature level of the given stride."""
+    size = 2 * subvolume_size // stride
+    return tuple(slice(c * subvolume_size // stride, c * subvolume_size // stride + size) for c in corner)
+
+
+def random_corner(generator: torch.Generator | None = None) -> tuple[int, int, int]:
+    """Corner of the decoded block: one of the 8 positions of a 2 x 2 x 2 block in the 3 x 3 x 3 sub-volumes."""
+    return tuple(int(v) for v in torch.randint(0, 2, (3,), generator=generator))
