@@ -30,6 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     evaluation.add_argument("--output", type=Path, required=True, help="folder for evaluation.json/.csv")
     evaluation.add_argument("--device", default="auto")
 
+    pre = commands.add_parser("pretrain", help="HybridMIM self-supervised pre-training (torchrun for several GPUs)")
+    pre.add_argument("--config", type=Path, required=True, help="pre-training config JSON")
+    pre.add_argument("--output", type=Path, required=True, help="run folder: checkpoint, logs, exported model/")
+    pre.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    pre.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    pre.add_argument("--stop-after", type=int, help="end this run after N steps (resume later)")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
@@ -41,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
             folder = train_supervised(json.loads(args.config.read_text(encoding="utf-8")), args.dataset, args.output,
                                       args.device, args.log_dir, args.steps)
             print(f"Model written to {folder}")
+        elif args.command == "pretrain":
+            from .pretraining.pretrain import pretrain
+
+            folder = pretrain(json.loads(args.config.read_text(encoding="utf-8")), args.output, args.device,
+                              args.resume, args.stop_after)
+            if folder:
+                print(f"Pre-trained model written to {folder}")
         else:
             from hybridmim.inference import Segmenter
 

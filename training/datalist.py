@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -32,11 +36,13 @@ def read_datalist(dataset_json: str | Path, key: str = "training") -> list[CaseP
     return cases
 
 
-def split_cases(cases: list[CasePaths], validation_fraction: float, seed: int) -> tuple[list, list]:
-    """Deterministic split (depends only on the case names and the seed, not on list order)."""
-    ordered = sorted(cases, key=lambda c: c.name)
+def seeded_split(items: list[T], key: Callable[[T], str], validation_fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministic split that depends only on the items' keys and the seed (not on list order, rank or host)."""
+    ordered = sorted(items, key=key)
     random.Random(seed).shuffle(ordered)
     count = max(1, round(len(ordered) * validation_fraction)) if validation_fraction > 0 else 0
-    validation = sorted(ordered[:count], key=lambda c: c.name)
-    train = sorted(ordered[count:], key=lambda c: c.name)
-    return train, validation
+    return sorted(ordered[count:], key=key), sorted(ordered[:count], key=key)
+
+
+def split_cases(cases: list[CasePaths], validation_fraction: float, seed: int) -> tuple[list, list]:
+    return seeded_split(cases, lambda c: c.name, validation_fraction, seed)

@@ -50,6 +50,7 @@ class ModelCard:
     licence: str
     weights: dict[str, str]
     in_channels: int = 1
+    task: str = "segmentation"  # or "pretrained": encoder + decoder without a segmentation head
     intended_use: str = "Research use only; not for diagnosis."
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -114,8 +115,10 @@ class ModelCard:
             len(self.target_spacing) != 3 or any(s <= 0 for s in self.target_spacing)
         ):
             fail("target_spacing must be three positive numbers or null")
+        if self.task not in ("segmentation", "pretrained"):
+            fail(f"task must be 'segmentation' or 'pretrained', not '{self.task}'")
         values = [label.value for label in self.labels]
-        if not values or sorted(values) != list(range(1, len(values) + 1)):
+        if sorted(values) != list(range(1, len(values) + 1)) or (not values and self.task == "segmentation"):
             fail("labels must have values 1..N without gaps (0 is background)")
         if "sha256" not in self.weights or "file" not in self.weights:
             fail("weights needs 'file' and 'sha256'")

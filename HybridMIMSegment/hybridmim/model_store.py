@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -89,12 +90,11 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_model(model: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a model folder after verifying its weights against the card's sha256. Never unpickles."""
+def read_weights(model: str | os.PathLike) -> tuple[Path, ModelCard, dict[str, torch.Tensor]]:
+    """A model folder's card and fp32 weights, after verifying the weights against the card's sha256.
+    Never unpickles (safetensors)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from .networks import build_network
 
     folder = resolve_model(model)
     card = ModelCard.load(folder)
@@ -107,13 +107,23 @@ def load_model(model: str | os.PathLike, device: str | torch.device = "cpu") -> 
             f"Model '{card.id}': weights file {weights} is corrupted or was modified "
             f"(sha256 {actual[:12]}..., card says {card.weights['sha256'][:12]}...). Reinstall or re-export the model."
         )
-    network = build_network(card.architecture["name"], card.in_channels, card.out_channels,
-                            **card.architecture.get("args", {}))
     try:
         state = load_file(weights)
     except SafetensorError as error:
         raise ChecksumError(f"Model '{card.id}': {weights} is not a valid safetensors file ({error})") from error
-    state = {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in state.items()}
+    return folder, card, {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
+
+
+def load_model(model: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a segmentation model folder (checksum verified first)."""
+    from .networks import build_network
+
+    folder, card, state = read_weights(model)
+    if card.task != "segmentation":
+        raise ModelCardError(f"Model '{card.id}' is pre-trained only (no segmentation head): fine-tune it on a few "
+                             "labelled volumes first")
+    network = build_network(card.architecture["name"], card.in_channels, card.out_channels,
+                            **card.architecture.get("args", {}))
     try:
         network.load_state_dict(state)
     except RuntimeError as error:
@@ -122,11 +132,10 @@ def load_model(model: str | os.PathLike, device: str | torch.device = "cpu") -> 
     return LoadedModel(folder, card, network)
 
 
-def save_model(folder: Path, network: torch.nn.Module, card: ModelCard, half: bool = False) -> Path:
-    """Write weights and card into ``folder`` atomically: a crash leaves either the old folder or the new one.
-
-    ``half`` stores floating-point weights as fp16 (they are loaded back as fp32).
-    """
+def save_model(folder: Path, weights: torch.nn.Module | Mapping[str, torch.Tensor], card: ModelCard,
+               half: bool = False) -> Path:
+    """Write weights (a network or a state dict) and card into ``folder`` atomically: a crash leaves either no
+    folder or the complete one. ``half`` stores floating-point weights as fp16 (they are loaded back as fp32)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -135,9 +144,10 @@ def save_model(folder: Path, network: torch.nn.Module, card: ModelCard, half: bo
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
+        source = weights if isinstance(weights, Mapping) else weights.state_dict()
         state = {
             name: (t.detach().half() if half and t.is_floating_point() else t.detach()).cpu().contiguous()
-            for name, t in network.state_dict().items()
+            for name, t in source.items()
         }
         save_file(state, str(staging / WEIGHTS_FILE))
         card.weights = {"file": WEIGHTS_FILE, "sha256": sha256_of(staging / WEIGHTS_FILE),

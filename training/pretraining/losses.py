@@ -43,11 +43,15 @@ def gather_with_gradient(features: torch.Tensor) -> torch.Tensor:
     return torch.cat(gathered)
 
 
-def nt_xent_loss(anchors: torch.Tensor, positives: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+def nt_xent_loss(anchors: torch.Tensor, positives: torch.Tensor, temperature: float = 0.5,
+                 gather: bool = True) -> torch.Tensor:
     """NT-Xent over the global batch: anchor i's positive is positive i, every other anchor and positive of every
-    rank is a negative. Non-zero for one sample per GPU as soon as there are several GPUs or samples."""
-    anchors = F.normalize(gather_with_gradient(anchors).float(), dim=1)
-    positives = F.normalize(gather_with_gradient(positives).float(), dim=1)
+    rank is a negative (``gather=False``: this rank's batch only, for work done on one rank such as validation).
+    Non-zero for one sample per GPU as soon as there are several GPUs or samples."""
+    if gather:
+        anchors, positives = gather_with_gradient(anchors), gather_with_gradient(positives)
+    anchors = F.normalize(anchors.float(), dim=1)
+    positives = F.normalize(positives.float(), dim=1)
     count = anchors.shape[0]
     features = torch.cat([anchors, positives])
     similarity = features @ features.t() / temperature

@@ -1,0 +1,112 @@
+"""HybridMIM pre-training runs on real volumes: the loss falls, an interrupted run resumes to the same weights,
+two processes under torchrun (gloo) train and save, and the export is an engine model folder without a head."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+from hybridmim.errors import ModelCardError
+from hybridmim.model_store import load_model, read_weights
+from hybridmim_training.pretraining.data import StepCrops, cached_volume, normalise, sources_from_folder
+from hybridmim_training.pretraining.pretrain import pretrain
+
+SMALL_VOLUMES = [("unlabeled/ct/head_ct_slicer_testing.nrrd", "ct"), ("unlabeled/mri/spine_t2_sct.nii.gz", "mri"),
+                 ("unlabeled/mri/brain_t1gd_pyradiomics1.nrrd", "mri"),
+                 ("hippocampus/imagesTr/hippocampus_004.nii.gz", "mri"),
+                 ("hippocampus/imagesTr/hippocampus_006.nii.gz", "mri")]
+
+
+@pytest.fixture
+def volumes(shared_data, tmp_path):
+    """A few small real CT and MRI volumes in per-modality folders (symbolic links)."""
+    for relative, modality in SMALL_VOLUMES:
+        folder = tmp_path / "volumes" / modality
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / relative.replace("/", "_")).symlink_to(shared_data / relative)
+    return tmp_path / "volumes"
+
+
+def tiny_config(volumes, steps: int, **pretraining) -> dict:
+    return {
+        "id": "test-hybridmim-cnn",
+        "architecture": {"name": "basicunet", "args": {"features": [8, 8, 16, 16, 32, 8], "dropout": 0.1}},
+        "patch_size": 8, "target_spacing": [2.0, 2.0, 2.0],
+        "data": {"folders": [[str(volumes / "ct"), "CT"], [str(volumes / "mri"), "MRI"]],
+                 "validation_fraction": 0.2},
+        "pretraining": {"steps": steps, "volumes_per_step": 2, "crops_per_volume": 2, "learning_rate": 2e-3,
+                        "warmup_steps": 3, "save_every": 4, "validate_every": 10, "log_every": 1, "workers": 0,
+                        **pretraining},
+    }
+
+
+def test_ct_in_hounsfield_units_is_windowed_and_mri_is_scaled_robustly():
+    ct = np.array([-3000.0, -1000.0, 0.0, 1000.0, 3000.0])
+    assert normalise(ct, "CT").tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
+    mri = np.linspace(0, 1000, 1001)
+    scaled = normalise(mri, "MRI")
+    assert scaled.min() == 0.0 and scaled.max() == 1.0 and abs(scaled[500] - 0.5) < 1e-3
+    eight_bit_ct = np.linspace(0, 255, 256)  # not in HU: scaled like MRI
+    assert normalise(eight_bit_ct, "CT").max() == 1.0
+
+
+def test_crops_depend_on_seed_rank_and_step_only(volumes, tmp_path):
+    cached = [cached_volume(s, [2.0, 2.0, 2.0], tmp_path / "cache") for s in sources_from_folder(volumes, "MRI")]
+    first = StepCrops(cached, 48, 2, 2, seed=0, rank=0, first_step=0, total_steps=10)
+    resumed = StepCrops(cached, 48, 2, 2, seed=0, rank=0, first_step=6, total_steps=10)
+    other_rank = StepCrops(cached, 48, 2, 2, seed=0, rank=1, first_step=0, total_steps=10)
+    assert first[0].shape == (4, 1, 48, 48, 48)
+    assert torch.equal(first[6], resumed[0])
+    assert not torch.equal(first[0], other_rank[0])
+    loader = torch.utils.data.DataLoader(first, batch_size=None, num_workers=2)
+    assert all(torch.equal(batch, first[i]) for i, batch in enumerate(loader))
+
+
+def test_loss_falls_on_real_volumes_and_export_has_no_head(volumes, tmp_path):
+    folder = pretrain(tiny_config(volumes, 30), tmp_path / "run", device="cpu")
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+    totals = [entry["total"] for entry in log if "total" in entry]
+    assert len(totals) == 30 and np.mean(totals[-5:]) < 0.8 * np.mean(totals[:5])
+    assert all(entry["contrastive"] > 0 for entry in log if "contrastive" in entry)
+    assert any("validation_total" in entry for entry in log)
+
+    _, card, state = read_weights(folder)
+    assert card.task == "pretrained" and card.labels == [] and card.training["steps"] == 30
+    assert set(card.training["modalities"]) == {"CT", "MRI"}
+    assert not any(name.startswith("final_conv.") for name in state)
+    with pytest.raises(ModelCardError, match="pre-trained only"):
+        load_model(folder)
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_weights(volumes, tmp_path):
+    config = tiny_config(volumes, 8)
+    straight = pretrain(config, tmp_path / "straight", device="cpu")
+    assert pretrain(config, tmp_path / "interrupted", device="cpu", stop_after=4) is None
+    assert json.loads((tmp_path / "interrupted" / "log.jsonl").read_text(encoding="utf-8").splitlines()[-1])[
+        "step"] == 4
+    resumed = pretrain(config, tmp_path / "interrupted", device="cpu", resume=True)
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_with_torchrun_train_and_save(volumes, tmp_path):
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(tiny_config(volumes, 4)), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "hybridmim_training.cli", "pretrain", "--config", str(config_path),
+                             "--output", str(tmp_path / "run"), "--device", "cpu"],
+                            capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 4
+    _, card, _ = read_weights(tmp_path / "run" / "model")
+    assert card.task == "pretrained"

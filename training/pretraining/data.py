@@ -1,0 +1,127 @@
+"""Unlabelled volumes for pre-training: sources from dataset.json lists or folders (CT and MRI mixed), each
+normalised to [0, 1] its own way, resampled once to a common grid and cached; random crops drawn per step from a
+seed, the rank and the step number, so every rank sees different crops and a resumed run sees the same ones."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from hybridmim.geometry import image_to_canonical, model_grid, resize
+from hybridmim.imageio import read_volume
+
+from ..datalist import read_datalist
+
+logger = logging.getLogger(__name__)
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+CACHE_VERSION = 1
+HU_WINDOW = (-1000.0, 1000.0)
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path
+    modality: str  # "CT" or "MRI"
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+
+def sources_from_datalist(dataset_json: Path, keys: tuple[str, ...] = ("training", "test")) -> list[Source]:
+    """Images of an MSD-style list (labels unused); modality from its "modality" entry."""
+    info = json.loads(Path(dataset_json).read_text(encoding="utf-8"))
+    modality = "CT" if "CT" in str(info.get("modality", "")).upper() else "MRI"
+    sources = []
+    for key in keys:
+        if key in info:
+            sources += [Source(case.image, modality) for case in read_datalist(dataset_json, key)]
+    return sources
+
+
+def sources_from_folder(folder: Path, modality: str) -> list[Source]:
+    """Every volume file below ``folder`` (Slicer segmentation files excluded)."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)
+                   and not p.name.lower().endswith(".seg.nrrd"))
+    return [Source(p, modality.upper()) for p in files]
+
+
+def normalise(volume: np.ndarray, modality: str) -> np.ndarray:
+    """CT in Hounsfield units: window [-1000, 1000] HU to [0, 1]. MRI, and CT not in HU (e.g. 8-bit): robust
+    per-volume scaling, 0.5th-99.5th percentile to [0, 1]."""
+    volume = np.nan_to_num(volume.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    if modality == "CT" and volume.min() <= -500:
+        low, high = HU_WINDOW
+    else:
+        low, high = (float(v) for v in np.percentile(volume, (0.5, 99.5)))
+    return np.clip((volume - low) / max(high - low, 1e-6), 0.0, 1.0)
+
+
+def cached_volume(source: Source, spacing: list[float], cache_dir: Path) -> Path:
+    """Canonically oriented, resampled, normalised float16 copy of a source in ``cache_dir`` (made once)."""
+    stat = source.path.stat()
+    key = json.dumps([str(source.path.resolve()), stat.st_size, stat.st_mtime_ns, source.modality, spacing,
+                      CACHE_VERSION])
+    path = Path(cache_dir) / f"{hashlib.sha1(key.encode()).hexdigest()}.npy"
+    if path.is_file():
+        return path
+    image = read_volume(source.path)
+    grid = model_grid(image, spacing)
+    volume = normalise(image_to_canonical(image, grid), source.modality)
+    volume = resize(torch.from_numpy(volume)[None], grid.model_shape)[0].numpy().astype(np.float16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(suffix=".npy", dir=path.parent)
+    with os.fdopen(handle, "wb") as stream:
+        np.save(stream, volume)
+    os.replace(staging, path)
+    logger.info("cached %s %s -> %s", source.path.name, volume.shape, path.name)
+    return path
+
+
+def random_crop(volume: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A size^3 crop at a random position; volumes smaller than the crop land at a random place, zero-padded."""
+    out = np.zeros((size, size, size), np.float32)
+    source, target = [], []
+    for extent in volume.shape:
+        start = int(rng.integers(min(0, extent - size), max(0, extent - size) + 1))
+        first, last = max(start, 0), min(start + size, extent)
+        source.append(slice(first, last))
+        target.append(slice(first - start, last - start))
+    out[tuple(target)] = volume[tuple(source)]
+    return out
+
+
+class StepCrops(Dataset):
+    """Item i is the batch of step ``first_step + i`` for one rank: ``volumes_per_step`` volumes, ``crops_per_volume``
+    crops each. Deterministic in (seed, rank, step): resuming at step k reproduces the batches of the original run,
+    and DataLoader workers may build them in any order."""
+
+    def __init__(self, cached: list[Path], crop_size: int, volumes_per_step: int, crops_per_volume: int,
+                 seed: int, rank: int, first_step: int, total_steps: int) -> None:
+        if not cached:
+            raise ValueError("No volumes to pre-train on")
+        self.cached, self.crop_size = cached, crop_size
+        self.volumes_per_step, self.crops_per_volume = volumes_per_step, crops_per_volume
+        self.seed, self.rank, self.first_step, self.total_steps = seed, rank, first_step, total_steps
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.first_step)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.seed, self.rank, self.first_step + index])
+        chosen = rng.choice(len(self.cached), self.volumes_per_step, replace=len(self.cached) < self.volumes_per_step)
+        crops = []
+        for volume_index in chosen:
+            volume = np.load(self.cached[volume_index], mmap_mode="r")
+            crops += [random_crop(volume, self.crop_size, rng) for _ in range(self.crops_per_volume)]
+        return torch.from_numpy(np.stack(crops))[:, None]
