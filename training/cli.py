@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--steps", type=int, help="override the config's number of steps")
     train.add_argument("--device", default="auto", help="auto, cpu or cuda")
     train.add_argument("--log-dir", type=Path, help="folder for the loss log and the validation report")
+    train.add_argument("--init", help="start from this model folder or id (e.g. a HybridMIM-pretrained model)")
 
     evaluation = commands.add_parser("evaluate", help="Dice of a model on a dataset's validation or all cases")
     evaluation.add_argument("--model", required=True, help="model id or folder")
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.log_dir:
                 args.log_dir.mkdir(parents=True, exist_ok=True)
             folder = train_supervised(json.loads(args.config.read_text(encoding="utf-8")), args.dataset, args.output,
-                                      args.device, args.log_dir, args.steps)
+                                      args.device, args.log_dir, args.steps, args.init)
             print(f"Model written to {folder}")
         elif args.command == "pretrain":
             from .pretraining.pretrain import pretrain

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from hybridmim.cases import load_case
 from hybridmim.inference import Segmenter
 from hybridmim.model_card import WEIGHTS_FILE, ModelCard
-from hybridmim.model_store import LoadedModel, save_model
+from hybridmim.model_store import LoadedModel, initialise_from, read_weights, save_model
 from hybridmim.networks import build_network
 
 from .datalist import read_datalist, split_cases
@@ -45,7 +45,9 @@ def warmup_cosine(warmup: int, total: int):
 
 
 def train_supervised(config: dict[str, Any], dataset_json: Path, output: Path, device: str = "auto",
-                     log_dir: Path | None = None, steps: int | None = None) -> Path:
+                     log_dir: Path | None = None, steps: int | None = None, init: str | None = None) -> Path:
+    """Train, evaluate on the held-out split, write the model folder. ``init``: a model folder or id (e.g.
+    HybridMIM-pretrained) whose encoder and decoder start the network; its head is made anew."""
     settings = {**DEFAULT_TRAINING, **config.get("training", {})}
     if steps is not None:
         settings["steps"] = steps
@@ -63,7 +65,14 @@ def train_supervised(config: dict[str, Any], dataset_json: Path, output: Path, d
                            scale_range=settings["scale_range"], spatial_probability=settings["spatial_probability"])
 
     network = build_network(card.architecture["name"], card.in_channels, card.out_channels,
-                            **card.architecture.get("args", {})).to(target)
+                            **card.architecture.get("args", {}))
+    if init:
+        fresh = initialise_from(network, init, card.architecture)
+        _, init_card, _ = read_weights(init)
+        card.training = {**card.training, "initialisation": f"{init_card.id} {init_card.version} "
+                         f"(sha256 {init_card.weights['sha256'][:12]}...); fresh: {', '.join(fresh)}"}
+        logger.info("initialised from %s; fresh: %s", init, fresh)
+    network.to(target)
     optimizer = torch.optim.AdamW(network.parameters(), lr=settings["learning_rate"],
                                   weight_decay=settings["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(settings["warmup_steps"],

@@ -162,3 +162,18 @@ def save_model(folder: Path, weights: torch.nn.Module | Mapping[str, torch.Tenso
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+def initialise_from(network: torch.nn.Module, model: str | os.PathLike, architecture: dict) -> list[str]:
+    """Copy a model folder's weights (e.g. HybridMIM-pretrained encoder + decoder) into ``network`` wherever name
+    and shape match; the rest (the segmentation head) keeps its fresh initialisation. Returns the names left
+    fresh. The architectures must be the same."""
+    _, card, state = read_weights(model)
+    if card.architecture != architecture:
+        raise ModelCardError(f"Model '{card.id}' has architecture {card.architecture}, not {architecture}")
+    own = network.state_dict()
+    matching = {name: tensor for name, tensor in state.items() if name in own and own[name].shape == tensor.shape}
+    if len(matching) < 0.9 * len(own):
+        raise ModelCardError(f"Model '{card.id}' provides only {len(matching)} of {len(own)} weights")
+    network.load_state_dict(matching, strict=False)
+    return sorted(set(own) - set(matching))

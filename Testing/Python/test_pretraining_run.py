@@ -110,3 +110,38 @@ def test_two_processes_with_torchrun_train_and_save(volumes, tmp_path):
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 4
     _, card, _ = read_weights(tmp_path / "run" / "model")
     assert card.task == "pretrained"
+
+
+def test_supervised_fine_tuning_starts_from_the_pretrained_encoder_and_decoder(shared_data, tmp_path):
+    from test_training import small_dataset
+
+    from hybridmim.model_card import ModelCard
+    from hybridmim.model_store import initialise_from, save_model
+    from hybridmim.networks import build_network
+    from hybridmim_training.pretraining.pretext import HybridMIMModel
+    from hybridmim_training.supervised import train_supervised
+
+    architecture = {"name": "basicunet", "args": {"features": [8, 8, 16, 16, 32, 8]}}
+    pretext = HybridMIMModel("basicunet", architecture["args"], patch_size=8)
+    card = ModelCard.from_dict({"id": "tiny-pretrained", "version": "1.0.0", "name": "tiny", "task": "pretrained",
+                                "architecture": architecture, "modality": "MRI", "intensity": {"method": "zscore"},
+                                "patch_size": [48, 48, 48], "labels": [], "licence": "test",
+                                "weights": {"file": "model.safetensors", "sha256": ""}})
+    pretrained = save_model(tmp_path / "pretrained", pretext.backbone_state_without_head(), card)
+
+    network = build_network("basicunet", 1, 3, **architecture["args"])
+    fresh = initialise_from(network, pretrained, architecture)
+    assert fresh == ["final_conv.bias", "final_conv.weight"]
+    assert torch.equal(network.down_4.convs.conv_1.conv.weight, pretext.backbone.down_4.convs.conv_1.conv.weight)
+    assert torch.equal(network.upcat_1.convs.conv_0.conv.weight, pretext.backbone.upcat_1.convs.conv_0.conv.weight)
+
+    config = json.loads((REPO / "training" / "configs" / "hippocampus_cnn.json").read_text(encoding="utf-8"))
+    config["card"]["architecture"] = architecture
+    config["training"].update(steps=3, batch_size=2, warmup_steps=1, validation_fraction=0.3)
+    folder = train_supervised(config, small_dataset(shared_data, tmp_path, 6), tmp_path / "tuned", device="cpu",
+                              init=str(pretrained))
+    tuned = ModelCard.load(folder)
+    assert tuned.training["initialisation"].startswith("tiny-pretrained 1.0.0")
+    with pytest.raises(Exception, match="architecture"):
+        initialise_from(build_network("unet", 1, 3, channels=[8, 16], strides=[2]), pretrained,
+                        {"name": "unet", "args": {}})
