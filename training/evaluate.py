@@ -62,7 +62,8 @@ def _plot(report: dict, path: Path) -> None:
         return
     names = [name for name in report["dice_mean"] if name != "mean"]
     figure, axes = plt.subplots(figsize=(1.5 + 1.6 * len(names), 4))
-    axes.boxplot([[row[name] for row in report["cases"]] for name in names], labels=names)
+    axes.boxplot([[row[name] for row in report["cases"]] for name in names])
+    axes.set_xticks(range(1, len(names) + 1), names)
     axes.set_ylabel("Dice")
     axes.set_ylim(0, 1)
     axes.set_title(f"{len(report['cases'])} cases, mean Dice {report['dice_mean']['mean']:.3f}")

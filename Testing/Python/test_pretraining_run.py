@@ -104,7 +104,8 @@ def test_two_processes_with_torchrun_train_and_save(volumes, tmp_path):
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "hybridmim_training.cli", "pretrain", "--config", str(config_path),
                              "--output", str(tmp_path / "run"), "--device", "cpu"],
-                            capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+                            capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=900,
+                            env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 4
