@@ -1,10 +1,11 @@
 """Inference benchmark (not a test): our pipeline vs a plain MONAI reference pipeline, same network and weights,
 same process, same inputs. Prints wall time, peak resident memory above the run's start, and their ratios.
 
-The reference is what a MONAI user writes by hand: LoadImaged -> EnsureChannelFirstd -> Orientationd(RAS) ->
-Spacingd(card spacing) -> NormalizeIntensityd -> sliding_window_inference (defaults: sw_batch_size 1,
-overlap 0.25, constant blending) -> argmax -> Invertd back to the input grid.
+The reference is what a MONAI user writes by hand: LoadImaged -> EnsureChannelFirstd -> Orientationd (the
+model's LPS axis order) -> Spacingd(card spacing) -> NormalizeIntensityd -> sliding_window_inference (defaults:
+sw_batch_size 1, overlap 0.25, constant blending) -> argmax -> Invertd back to the input grid.
 
+    pip install -e ".[benchmark]"   # nibabel and pynrrd for MONAI's LoadImage
     python Testing/Benchmarks/benchmark_inference.py [--model ID] [--device cpu|cuda] [VOLUME ...]
 """
 
@@ -76,7 +77,8 @@ def reference_pipeline(path: Path, segmenter: Segmenter) -> np.ndarray:
     )
 
     card = segmenter.card
-    pre = Compose([LoadImaged("image"), EnsureChannelFirstd("image"), Orientationd("image", "RAS"),
+    pre = Compose([LoadImaged("image"), EnsureChannelFirstd("image"),
+                   Orientationd("image", "LPS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
                    Spacingd("image", card.target_spacing, mode="bilinear"), NormalizeIntensityd("image")])
     data = pre({"image": str(path)})
     network = segmenter.model.network
