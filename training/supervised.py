@@ -19,9 +19,9 @@ from monai.losses import DiceCELoss
 from tqdm import tqdm
 
 from hybridmim.cases import load_case
-from hybridmim.inference import Segmenter
+from hybridmim.inference import Segmenter, select_device
 from hybridmim.model_card import WEIGHTS_FILE, ModelCard
-from hybridmim.model_store import LoadedModel, initialise_from, read_weights, save_model
+from hybridmim.model_store import LoadedModel, initialise_from, save_model
 from hybridmim.networks import build_network
 
 from .datalist import read_datalist, split_cases
@@ -53,8 +53,7 @@ def train_supervised(config: dict[str, Any], dataset_json: Path, output: Path, d
         settings["steps"] = steps
     card = ModelCard.from_dict({**config["card"], "weights": {"file": WEIGHTS_FILE, "sha256": ""}})
     torch.manual_seed(settings["seed"])
-    target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if device == "auto" else device))
+    target = select_device(device)
 
     train_paths, validation_paths = split_cases(read_datalist(dataset_json), settings["validation_fraction"],
                                                 settings["seed"])
@@ -67,8 +66,7 @@ def train_supervised(config: dict[str, Any], dataset_json: Path, output: Path, d
     network = build_network(card.architecture["name"], card.in_channels, card.out_channels,
                             **card.architecture.get("args", {}))
     if init:
-        fresh = initialise_from(network, init, card.architecture)
-        _, init_card, _ = read_weights(init)
+        init_card, fresh = initialise_from(network, init, card.architecture)
         card.training = {**card.training, "initialisation": f"{init_card.id} {init_card.version} "
                          f"(sha256 {init_card.weights['sha256'][:12]}...); fresh: {', '.join(fresh)}"}
         logger.info("initialised from %s; fresh: %s", init, fresh)

@@ -164,10 +164,11 @@ def save_model(folder: Path, weights: torch.nn.Module | Mapping[str, torch.Tenso
     return folder
 
 
-def initialise_from(network: torch.nn.Module, model: str | os.PathLike, architecture: dict) -> list[str]:
+def initialise_from(network: torch.nn.Module, model: str | os.PathLike,
+                    architecture: dict) -> tuple[ModelCard, list[str]]:
     """Copy a model folder's weights (e.g. HybridMIM-pretrained encoder + decoder) into ``network`` wherever name
-    and shape match; the rest (the segmentation head) keeps its fresh initialisation. Returns the names left
-    fresh. The architectures must be the same."""
+    and shape match; the rest (the segmentation head) keeps its fresh initialisation. Returns the source card and
+    the names left fresh. The architectures must be the same."""
     _, card, state = read_weights(model)
     if card.architecture != architecture:
         raise ModelCardError(f"Model '{card.id}' has architecture {card.architecture}, not {architecture}")
@@ -176,4 +177,4 @@ def initialise_from(network: torch.nn.Module, model: str | os.PathLike, architec
     if len(matching) < 0.9 * len(own):
         raise ModelCardError(f"Model '{card.id}' provides only {len(matching)} of {len(own)} weights")
     network.load_state_dict(matching, strict=False)
-    return sorted(set(own) - set(matching))
+    return card, sorted(set(own) - set(matching))

@@ -131,8 +131,8 @@ def test_supervised_fine_tuning_starts_from_the_pretrained_encoder_and_decoder(s
     pretrained = save_model(tmp_path / "pretrained", pretext.backbone_state_without_head(), card)
 
     network = build_network("basicunet", 1, 3, **architecture["args"])
-    fresh = initialise_from(network, pretrained, architecture)
-    assert fresh == ["final_conv.bias", "final_conv.weight"]
+    source, fresh = initialise_from(network, pretrained, architecture)
+    assert source.id == "tiny-pretrained" and fresh == ["final_conv.bias", "final_conv.weight"]
     assert torch.equal(network.down_4.convs.conv_1.conv.weight, pretext.backbone.down_4.convs.conv_1.conv.weight)
     assert torch.equal(network.upcat_1.convs.conv_0.conv.weight, pretext.backbone.upcat_1.convs.conv_0.conv.weight)
 
