@@ -14,7 +14,7 @@ import SimpleITK as sitk
 import torch
 from monai.inferers import sliding_window_inference
 
-from .errors import HybridMIMError
+from .errors import HybridMIMError, InputImageError
 from .geometry import image_to_canonical, labels_to_image, model_grid, resize
 from .imageio import check_output_path, read_volume, write_labelmap
 from .model_card import ModelCard
@@ -25,6 +25,7 @@ from .progress import CancelToken, ProgressCallback, no_progress
 logger = logging.getLogger(__name__)
 
 DEFAULT_OVERLAP = 0.25
+MAX_MODEL_VOXELS = 1024**3 // 2  # beyond this a volume resampled to the model's spacing cannot be held in memory
 
 
 def select_device(requested: str = "auto") -> torch.device:
@@ -99,6 +100,12 @@ class Segmenter:
         """Segment a volume; the returned uint8 labelmap has exactly the volume's geometry."""
         card = self.card
         grid = model_grid(image, card.target_spacing)
+        voxels = math.prod(grid.model_shape)
+        if voxels > MAX_MODEL_VOXELS:
+            size = "x".join(map(str, grid.model_shape))
+            raise InputImageError(f"At the model's spacing {card.target_spacing} mm this volume would be {size} "
+                                  f"voxels ({voxels / 1e9:.1f} billion); check the spacing in its header "
+                                  f"({image.GetSpacing()} mm)")
         progress(0.0, "preprocessing")
         volume = normalize_intensity(image_to_canonical(image, grid), card.intensity)
         tensor = resize(torch.from_numpy(volume)[None], grid.model_shape)

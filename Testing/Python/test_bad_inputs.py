@@ -69,6 +69,15 @@ def make_rgb(folder: Path) -> Path:
     return path
 
 
+def make_huge_spacing(folder: Path) -> Path:
+    """A header claiming 50 mm voxels: at the model's 1 mm this would need tens of GB."""
+    path = folder / "huge_spacing.nrrd"
+    image = sitk.ReadImage(str(SAMPLE_IMAGE))
+    image.SetSpacing((50.0, 50.0, 50.0))
+    sitk.WriteImage(image, str(path))
+    return path
+
+
 BAD_INPUTS = {
     "2D image": (make_2d, "2D image"),
     "4D image": (make_4d, "4D image"),
@@ -78,6 +87,7 @@ BAD_INPUTS = {
     "non-image file": (make_text, "Cannot read"),
     "NaN volume": (make_nan, "no finite values"),
     "colour image": (make_rgb, "components per voxel"),
+    "absurd spacing": (make_huge_spacing, "check the spacing in its header"),
 }
 
 

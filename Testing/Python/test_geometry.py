@@ -112,3 +112,26 @@ def test_anisotropic_oblique_volume_round_trips_through_files(segmenter, sample,
                                                                  segmenter.card.labels)))
     assert np.allclose(segmentation["ijkToLPS"], ijk_to_lps(volume), atol=1e-5)
     assert np.array_equal(segmentation["voxels"], sitk.GetArrayFromImage(labels).transpose(2, 1, 0))
+
+
+def edge_volumes(sample: sitk.Image) -> dict[str, sitk.Image]:
+    array = sitk.GetArrayFromImage(sample)
+    volumes = {
+        "1 slice": sitk.GetImageFromArray(array[10:11]),
+        "2 slices": sitk.GetImageFromArray(array[10:12]),
+        "uint32 near overflow": sitk.GetImageFromArray((array.astype(np.float64) * 1e6).astype(np.uint32)),
+        "int64": sitk.GetImageFromArray(array.astype(np.int64)),
+        "constant": sitk.GetImageFromArray(np.zeros_like(array)),
+    }
+    tiny = sitk.Image(sample)
+    tiny.SetSpacing((1e-4, 1e-4, 1e-4))
+    volumes["0.1 micrometre spacing"] = tiny
+    return volumes
+
+
+@pytest.mark.parametrize("kind", list(edge_volumes(read_volume(SAMPLE_IMAGE))))
+def test_edge_case_volumes_give_a_labelmap_on_their_own_grid(segmenter, sample, kind):
+    volume = edge_volumes(sample)[kind]
+    labels = segmenter.segment(volume)
+    assert_same_grid(labels, volume)
+    assert labels.GetPixelID() == sitk.sitkUInt8
