@@ -99,6 +99,30 @@ def resize(volume: torch.Tensor, shape: Sequence[int], mode: str = "trilinear") 
     return F.interpolate(volume[None].float(), size=tuple(shape), mode=mode, **kwargs)[0]
 
 
+def resized_argmax(scores: torch.Tensor, shape: Sequence[int], chunk_voxels: int = 1 << 22) -> np.ndarray:
+    """uint8 argmax over classes of (C, X, Y, Z) ``scores`` resized to ``shape`` (trilinear, same sampling as
+    ``resize``), computed in slabs along the last axis so no full-resolution float map is ever held."""
+    shape = tuple(int(n) for n in shape)
+    labels = np.empty(shape, np.uint8)
+    step = max(1, chunk_voxels // (shape[0] * shape[1]))
+    if tuple(scores.shape[1:]) == shape:
+        for start in range(0, shape[2], step):
+            labels[..., start:start + step] = scores[..., start:start + step].argmax(0).numpy()
+        return labels
+
+    def centres(count: int) -> torch.Tensor:  # grid_sample coordinates of output voxel centres, align_corners=False
+        return (torch.arange(count, dtype=torch.float32) + 0.5) / count * 2 - 1
+
+    x, y, z = (centres(n) for n in shape)
+    source = scores[None].float()
+    for start in range(0, shape[2], step):
+        gx, gy, gz = torch.meshgrid(x, y, z[start:start + step], indexing="ij")
+        grid = torch.stack([gz, gy, gx], -1)[None]  # grid_sample's (x, y, z) index the input's (W, H, D) = (Z, Y, X)
+        slab = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        labels[..., start:start + step] = slab[0].argmax(0).numpy()
+    return labels
+
+
 def labels_to_image(labels_canonical: np.ndarray, grid: ModelGrid, reference: sitk.Image) -> sitk.Image:
     """Canonical uint8 label array -> labelmap image with exactly the reference volume's geometry."""
     labels = np.ascontiguousarray(grid.reorientation.invert(labels_canonical).transpose(2, 1, 0))

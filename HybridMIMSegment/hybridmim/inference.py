@@ -15,7 +15,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from .errors import HybridMIMError, InputImageError
-from .geometry import image_to_canonical, labels_to_image, model_grid, resize
+from .geometry import image_to_canonical, labels_to_image, model_grid, resize, resized_argmax
 from .imageio import check_output_path, read_volume, write_labelmap
 from .model_card import ModelCard
 from .model_store import LoadedModel, load_model
@@ -37,6 +37,13 @@ def select_device(requested: str = "auto") -> torch.device:
     if requested not in ("cpu",) and not requested.startswith("cuda"):
         raise HybridMIMError(f"Unknown device '{requested}': use auto, cpu or cuda")
     return torch.device(requested)
+
+
+def softmax_in_slabs(logits: torch.Tensor, slab: int = 16) -> torch.Tensor:
+    """Softmax over classes of (1, C, X, Y, Z) logits, in place, a few slices at a time (no second full map)."""
+    for start in range(0, logits.shape[-1], slab):
+        logits[..., start:start + slab] = logits[..., start:start + slab].softmax(1)
+    return logits
 
 
 def window_count(shape: Sequence[int], roi: Sequence[int], overlap: float) -> int:
@@ -90,10 +97,12 @@ class Segmenter:
                 flipped = volume[None].to(self.device).flip(dims) if dims else volume[None].to(self.device)
                 logits = sliding_window_inference(flipped, roi, self.sw_batch_size, predictor,
                                                   overlap=self.overlap, mode="gaussian")
-                scores = torch.softmax(logits.float(), 1)
+                scores = softmax_in_slabs(logits.float())
                 scores = scores.flip(dims) if dims else scores
-                probabilities = scores if probabilities is None else probabilities + scores
-        return (probabilities[0] / len(flips)).cpu()
+                probabilities = scores if probabilities is None else probabilities.add_(scores)
+            if len(flips) > 1:
+                probabilities.div_(len(flips))
+        return probabilities[0].cpu()
 
     def segment(self, image: sitk.Image, progress: ProgressCallback = no_progress,
                 cancel: CancelToken | None = None) -> sitk.Image:
@@ -124,7 +133,7 @@ class Segmenter:
         if cancel is not None:
             cancel.raise_if_cancelled()
         progress(0.95, "postprocessing")
-        labels = resize(probabilities, grid.canonical_shape).argmax(0).to(torch.uint8).numpy()
+        labels = resized_argmax(probabilities, grid.canonical_shape)
         labelmap = labels_to_image(labels, grid, image)
         progress(1.0, "done")
         return labelmap

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
+import torch
 
 from conftest import SAMPLE_IMAGE, SAMPLE_LABEL
 from hybridmim.geometry import Reorientation
@@ -135,3 +136,15 @@ def test_edge_case_volumes_give_a_labelmap_on_their_own_grid(segmenter, sample, 
     labels = segmenter.segment(volume)
     assert_same_grid(labels, volume)
     assert labels.GetPixelID() == sitk.sitkUInt8
+
+
+@pytest.mark.parametrize("target", [(23, 31, 17), (40, 18, 55), (20, 24, 28)], ids=["down", "mixed", "same"])
+def test_slab_wise_argmax_equals_resizing_the_whole_map(target):
+    """The memory-bounded post-processing gives the labels of resizing all class maps at once, then argmax."""
+    from hybridmim.geometry import resize, resized_argmax
+
+    scores = torch.rand(4, 20, 24, 28, generator=torch.Generator().manual_seed(0))
+    expected = resize(scores, target).argmax(0).numpy()
+    slabs = resized_argmax(scores, target, chunk_voxels=900)  # several slabs
+    assert slabs.dtype == np.uint8 and slabs.shape == target
+    assert (slabs == expected).mean() > 0.9999
