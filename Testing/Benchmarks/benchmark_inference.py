@@ -6,7 +6,10 @@ model's LPS axis order) -> Spacingd(card spacing) -> NormalizeIntensityd -> slid
 sw_batch_size 1, overlap 0.25, constant blending) -> argmax -> Invertd back to the input grid.
 
     pip install -e ".[benchmark]"   # nibabel and pynrrd for MONAI's LoadImage
-    python Testing/Benchmarks/benchmark_inference.py [--model ID] [--device cpu|cuda] [VOLUME ...]
+    python Testing/Benchmarks/benchmark_inference.py [--model ID] [--device cpu|cuda] [--large-ct] [VOLUME ...]
+
+``--large-ct`` adds a 512 x 512 x 600 CT made by resampling the chest CT to 0.4 mm slices (written to a
+temporary folder).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import contextlib
 import ctypes
 import gc
 import os
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -89,6 +93,19 @@ def reference_pipeline(path: Path, segmenter: Segmenter) -> np.ndarray:
     return np.asarray(data["pred"][0]).astype(np.uint8).transpose(2, 1, 0)  # to SimpleITK's (k, j, i)
 
 
+def make_large_ct(folder: Path) -> Path:
+    """512 x 512 x 600 CT: the chest CT's 48 slices of 5 mm resampled to 600 slices of 0.4 mm."""
+    chest = sitk.ReadImage(str(DEFAULT_VOLUMES[1]))
+    spacing = [*chest.GetSpacing()[:2], chest.GetSize()[2] * chest.GetSpacing()[2] / 600]
+    grid = sitk.Image([512, 512, 600], chest.GetPixelID())
+    grid.SetSpacing(spacing)
+    grid.SetOrigin(chest.GetOrigin())
+    grid.SetDirection(chest.GetDirection())
+    path = folder / "large_ct_512x512x600.nrrd"
+    sitk.WriteImage(sitk.Resample(chest, grid, sitk.Transform(), sitk.sitkLinear, -1000), str(path), True)
+    return path
+
+
 def ours(path: Path, segmenter: Segmenter) -> np.ndarray:
     return sitk.GetArrayFromImage(segmenter.segment(read_volume(path)))
 
@@ -98,7 +115,10 @@ def main() -> None:
     parser.add_argument("volumes", nargs="*", type=Path, default=DEFAULT_VOLUMES)
     parser.add_argument("--model", default="hippocampus-cnn")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--large-ct", action="store_true", help="also run a 512 x 512 x 600 CT built from the chest CT")
     args = parser.parse_args()
+    if args.large_ct:
+        args.volumes.append(make_large_ct(Path(tempfile.mkdtemp(prefix="hybridmim-benchmark-"))))
     segmenter = Segmenter(args.model, args.device)
     print(f"model {segmenter.card.id}, device {segmenter.device}, torch threads {torch.get_num_threads()}")
     ours(args.volumes[0], segmenter)  # warm-up of both paths
