@@ -77,6 +77,7 @@ def test_loss_falls_on_real_volumes_and_export_has_no_head(volumes, tmp_path):
     assert len(totals) == 30 and np.mean(totals[-5:]) < 0.8 * np.mean(totals[:5])
     assert all(entry["contrastive"] > 0 for entry in log if "contrastive" in entry)
     assert any("validation_total" in entry for entry in log)
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
     _, card, state = read_weights(folder)
     assert card.task == "pretrained" and card.labels == [] and card.training["steps"] == 30
