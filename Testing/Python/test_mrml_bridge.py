@@ -96,7 +96,7 @@ def test_sample_exported_labelmap_equals_engine_output(scene, segmenter, oblique
     tag = vtk.reference("")
     segmentation.GetSegment(ids[0]).GetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), tag)
     assert str(tag) == terminology_tag(segmenter.card.labels[0])
-    assert "~SCT^5300000^Hippocampus~" in str(tag)
+    assert "~SCT^5366008^Hippocampus~" in str(tag)
 
 
 def test_anisotropic_ct_exported_labelmap_equals_engine_output(scene, segmenter, shared_data):
