@@ -13,6 +13,25 @@ import torch.nn.functional as F
 from hybridmim.cases import Case
 
 
+def random_start(extent: int, size: int, rng: np.random.Generator) -> int:
+    """Uniform crop start along one axis; outside the volume when it is smaller than the crop, so the volume lands
+    anywhere inside the crop."""
+    return int(rng.integers(min(0, extent - size), max(0, extent - size) + 1))
+
+
+def padded_crop(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    """``array[..., start:start+size]`` over the last three axes, with zeros where the window leaves the volume
+    (as sliding-window inference pads)."""
+    out = np.zeros((*array.shape[:-3], *size), array.dtype)
+    source, target = [], []
+    for begin, length, extent in zip(start, size, array.shape[-3:]):
+        first, last = max(begin, 0), min(begin + length, extent)
+        source.append(slice(first, last))
+        target.append(slice(first - begin, last - begin))
+    out[(..., *target)] = array[(..., *source)]
+    return out
+
+
 class PatchSampler:
     """Draws (image, label) batches of a fixed patch size from labelled cases.
 
@@ -46,24 +65,13 @@ class PatchSampler:
         if len(foreground) and self.rng.random() < self.foreground_probability:
             centre = foreground[self.rng.integers(len(foreground))]
             return [int(np.clip(c - p // 2, lo, hi)) for c, p, lo, hi in zip(centre, self.patch, low, high)]
-        return [int(self.rng.integers(lo, hi + 1)) for lo, hi in zip(low, high)]
-
-    def _crop(self, array: np.ndarray, start: list[int]) -> np.ndarray:
-        """``array[..., start:start+patch]`` with zeros where the window leaves the volume (as inference pads)."""
-        out = np.zeros((*array.shape[:-3], *self.patch), array.dtype)
-        source, target = [], []
-        for begin, size, extent in zip(start, self.patch, array.shape[-3:]):
-            first, last = max(begin, 0), min(begin + size, extent)
-            source.append(slice(first, last))
-            target.append(slice(first - begin, last - begin))
-        out[(..., *target)] = array[(..., *source)]
-        return out
+        return [random_start(s, p, self.rng) for s, p in zip(shape, self.patch)]
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         index = int(self.rng.integers(len(self.cases)))
         image, label = self.cases[index]
         start = self._crop_start(index)
-        image, label = self._crop(image, start), self._crop(label, start)
+        image, label = padded_crop(image, start, self.patch), padded_crop(label, start, self.patch)
         for axis in self.flip_axes:
             if self.rng.random() < 0.5:
                 image, label = np.flip(image, axis + 1), np.flip(label, axis)

@@ -20,6 +20,7 @@ from hybridmim.geometry import image_to_canonical, model_grid, resize
 from hybridmim.imageio import read_volume
 
 from ..datalist import read_datalist
+from ..sampling import padded_crop, random_start
 
 logger = logging.getLogger(__name__)
 
@@ -89,16 +90,10 @@ def cached_volume(source: Source, spacing: list[float], cache_dir: Path) -> Path
 
 
 def random_crop(volume: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A size^3 crop at a random position; volumes smaller than the crop land at a random place, zero-padded."""
-    out = np.zeros((size, size, size), np.float32)
-    source, target = [], []
-    for extent in volume.shape:
-        start = int(rng.integers(min(0, extent - size), max(0, extent - size) + 1))
-        first, last = max(start, 0), min(start + size, extent)
-        source.append(slice(first, last))
-        target.append(slice(first - start, last - start))
-    out[tuple(target)] = volume[tuple(source)]
-    return out
+    """A size^3 float32 crop at a random position; volumes smaller than the crop land at a random place,
+    zero-padded."""
+    start = [random_start(extent, size, rng) for extent in volume.shape]
+    return padded_crop(volume, start, (size, size, size)).astype(np.float32)
 
 
 class StepCrops(Dataset):
