@@ -57,10 +57,11 @@ def main(argv: list[str] | None = None) -> int:
             if folder:
                 print(f"Pre-trained model written to {folder}")
         else:
+            from hybridmim.evaluation import evaluate
             from hybridmim.inference import Segmenter
 
             from .datalist import read_datalist
-            from .evaluate import evaluate, write_report
+            from .report import write_report
 
             cases = [c for c in read_datalist(args.dataset) if c.label and (not args.cases or c.name in args.cases)]
             report = evaluate(Segmenter(args.model, args.device), cases)

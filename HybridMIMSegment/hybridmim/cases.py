@@ -16,6 +16,25 @@ from .imageio import read_volume
 from .model_card import ModelCard
 from .preprocessing import normalize_intensity
 
+ImageSource = sitk.Image | str | os.PathLike
+
+
+@dataclass
+class LabeledVolume:
+    """An image and its label map (files or SimpleITK images), as given by a user or a datalist."""
+
+    name: str
+    image: ImageSource
+    label: ImageSource | None
+
+
+def source_name(source: ImageSource, fallback: str) -> str:
+    return fallback if isinstance(source, sitk.Image) else os.path.basename(str(source)).split(".")[0]
+
+
+def as_image(source: ImageSource) -> sitk.Image:
+    return source if isinstance(source, sitk.Image) else read_volume(source)
+
 
 @dataclass
 class Case:
@@ -34,22 +53,28 @@ def same_geometry(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool
             and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance))
 
 
-def load_case(card: ModelCard, image_path: str | os.PathLike, label_path: str | os.PathLike | None = None,
-              name: str | None = None) -> Case:
-    image = read_volume(image_path)
+def load_case(card: ModelCard, image_path: ImageSource, label_path: ImageSource | None = None,
+              name: str | None = None, require_foreground: bool = False) -> Case:
+    """Image (and label) on the card's model grid. Labels must match the image's geometry and use only the card's
+    values; with ``require_foreground`` an all-background label is an error (nothing to learn from)."""
+    name = name or source_name(image_path, "volume")
+    image = as_image(image_path)
     grid = model_grid(image, card.target_spacing)
     volume = normalize_intensity(image_to_canonical(image, grid), card.intensity)
     volume = resize(torch.from_numpy(volume)[None], grid.model_shape).numpy()
     label = None
     if label_path is not None:
-        label_image = read_volume(label_path)
+        label_image = as_image(label_path)
         if not same_geometry(image, label_image):
-            raise InputImageError(f"Label {label_path} does not have the geometry of image {image_path} "
+            raise InputImageError(f"The label map of '{name}' does not have the geometry of its image "
                                   f"(size/spacing/origin/direction differ)")
         values = image_to_canonical(label_image, grid)
         if np.any(values != np.round(values)) or values.min() < 0 or values.max() > len(card.labels):
-            raise InputImageError(f"Label {label_path} has values outside 0..{len(card.labels)} "
-                                  f"({', '.join(card.label_names().values())})")
+            found = sorted(int(v) for v in np.unique(values)[:20])
+            raise InputImageError(f"The label map of '{name}' has values {found}; the model's labels are 0 "
+                                  f"(background) and {', '.join(f'{v} {n}' for v, n in card.label_names().items())}")
+        if require_foreground and not values.any():
+            raise InputImageError(f"The label map of '{name}' is empty (background only): nothing to learn from")
         label = resize(torch.from_numpy(values.astype(np.uint8))[None], grid.model_shape, "nearest")[0]
         label = label.numpy().astype(np.uint8)
-    return Case(name or os.path.basename(str(image_path)).split(".")[0], volume, label, grid)
+    return Case(name, volume, label, grid)

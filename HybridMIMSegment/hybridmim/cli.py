@@ -1,16 +1,18 @@
-"""``hybridmim``: segment volumes and list models from the command line, without Slicer."""
+"""``hybridmim``: segment volumes, fine-tune models on a few corrected volumes, list and revert model versions,
+from the command line, without Slicer."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import re
 import sys
 
 from tqdm import tqdm
 
 from .errors import HybridMIMError
-from .model_store import list_models
+from .model_store import active_versions, list_models, model_versions, set_active_version
 
 DEFAULT_MODEL = "hippocampus-cnn"
 
@@ -37,6 +39,62 @@ def _segment(args: argparse.Namespace) -> int:
     if args.preview:
         preview = write_preview(volume, labelmap, segmenter.card.labels, args.preview)
         print(f"Preview written to {preview.resolve()}")
+    return 0
+
+
+def image_label_pair(value: str) -> tuple[str, str]:
+    """``IMAGE:LABEL``, split at the first colon that is not a Windows drive's (``C:``)."""
+    separators = [m.start() for m in re.finditer(":", value) if m.start() != 1]
+    if not separators or separators[0] in (0, len(value) - 1):
+        raise argparse.ArgumentTypeError(f"'{value}' is not IMAGE:LABEL")
+    return value[:separators[0]], value[separators[0] + 1:]
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .finetune import fine_tune, settings_from
+
+    settings = settings_from(args.method, args.steps, args.minutes, args.seed, len(args.unlabeled))
+    with tqdm(total=100, desc=f"fine-tuning {args.model} ({settings.method})", unit="%", disable=args.quiet,
+              bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}] {postfix}") as bar:
+        def progress(report) -> None:
+            bar.n = round(100 * report.fraction, 1)
+            losses = " ".join(f"{k} {v:.3f}" for k, v in report.losses.items())
+            dice = f" | validation Dice {report.validation_dice:.3f}" if report.validation_dice is not None else ""
+            bar.set_postfix_str(f"step {report.step} | {losses}{dice}", refresh=report.step % 5 == 0 or bool(dice))
+
+        folder = fine_tune(args.model, args.labeled, args.unlabeled, settings, validation=args.validation,
+                           label_names=args.labels, model_id=args.id, device=args.device, progress=progress,
+                           status=lambda message: bar.write(message))
+    from .model_card import ModelCard
+
+    card = ModelCard.load(folder)
+    print(f"New model version {card.id} {card.version} ({card.training['steps']} steps, "
+          f"{card.training['time_seconds']:.0f} s) in {folder}")
+    if card.metrics.get("dice"):
+        print(f"Validation Dice: {', '.join(f'{k} {v:.3f}' for k, v in card.metrics['dice'].items())}")
+    print(f"It is now the active version of '{card.id}'; 'hybridmim revert {card.id} VERSION' goes back.")
+    return 0
+
+
+def _versions(args: argparse.Namespace) -> int:
+    versions = model_versions(args.id)
+    if not versions:
+        raise HybridMIMError(f"No model '{args.id}'")
+    active = active_versions().get(args.id, versions[-1].card.version)
+    for folder in versions:
+        card = folder.card
+        dice = card.metrics.get("dice", {}).get("mean")
+        parent = card.training.get("parent")
+        score = f"Dice {dice:.3f}" if dice is not None else "Dice -    "
+        origin = f"from {parent['id']} {parent['version']}" if parent else ""
+        print(f"{'*' if card.version == active else ' '} {card.version:16s} "
+              f"{'bundled' if folder.bundled else 'user':7s} {score}  {origin}  {folder.path}")
+    return 0
+
+
+def _revert(args: argparse.Namespace) -> int:
+    folder = set_active_version(args.id, args.version)
+    print(f"'{args.id}' now means version {args.version} ({folder.path})")
     return 0
 
 
@@ -76,6 +134,39 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--preview", help="also write a PNG with a few slices and the overlay")
     segment.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     segment.set_defaults(run=_segment)
+
+    tune = commands.add_parser(
+        "finetune", help="fine-tune a model on a few labelled volumes (+ unlabelled ones) into a new version",
+        description="Fine-tune a model on 1-20 labelled volumes (IMAGE:LABEL; label values 0 = background, "
+                    "1..N = the model's structures or the --labels given) plus unlabelled volumes. The result is "
+                    "a new version in the user models folder, made active; bundled models are never changed.")
+    tune.add_argument("--model", default=DEFAULT_MODEL, help=f"starting model id or folder (default {DEFAULT_MODEL})")
+    tune.add_argument("--labeled", nargs="+", required=True, type=image_label_pair, metavar="IMAGE:LABEL",
+                      help="labelled volumes")
+    tune.add_argument("--unlabeled", nargs="*", default=[], metavar="IMAGE", help="unlabelled volumes")
+    tune.add_argument("--validation", nargs="*", default=[], type=image_label_pair, metavar="IMAGE:LABEL",
+                      help="held-out labelled volumes: Dice during training and on the card (never trained on)")
+    tune.add_argument("--method", default=None, choices=["supervised", "mean-teacher", "bcp"],
+                      help="default: mean-teacher with unlabelled volumes, supervised without")
+    tune.add_argument("--minutes", type=float, help="time budget (default 5 when --steps is not given)")
+    tune.add_argument("--steps", type=int, help="step budget (with --minutes: whichever comes first)")
+    tune.add_argument("--labels", nargs="+", metavar="NAME",
+                      help="structure names for label values 1..N when they differ from the model's (the output "
+                           "layer is re-made and the result gets a new id)")
+    tune.add_argument("--id", help="id of the result (default: the model's, or '<model>-<labels>' for new labels)")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+    tune.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    tune.set_defaults(run=_finetune)
+
+    versions = commands.add_parser("versions", help="list the versions of a model (* = active)")
+    versions.add_argument("id", help="model id")
+    versions.set_defaults(run=_versions)
+
+    revert = commands.add_parser("revert", help="make an earlier (or any) version of a model the active one")
+    revert.add_argument("id", help="model id")
+    revert.add_argument("version", help="version to use, as listed by 'hybridmim versions ID'")
+    revert.set_defaults(run=_revert)
 
     models = commands.add_parser("models", help="list bundled and user models with their cards")
     models.add_argument("--json", action="store_true", help="print the full cards as JSON")

@@ -1,12 +1,15 @@
 """Model folders on disk: where they live, how they are listed, loaded (checksum first) and saved atomically.
 
 A model folder holds ``card.json`` and ``model.safetensors``. Bundled models (read-only) live in the
-repository's ``Resources/Models``; trained and fine-tuned models go to the user models folder.
+repository's ``Resources/Models``; trained and fine-tuned models go to the user models folder. Folders sharing an
+id are versions of one model; ``active.json`` in the user folder records which version an id means (a fine-tune
+makes itself active, a revert picks an earlier one); without an entry the newest version is used.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -17,6 +20,8 @@ from typing import TYPE_CHECKING
 
 from .errors import ChecksumError, ModelCardError, ModelNotFoundError
 from .model_card import CARD_FILE, WEIGHTS_FILE, ModelCard
+
+ACTIVE_FILE = "active.json"
 
 if TYPE_CHECKING:  # torch is imported where weights are read or written, so listing cards needs no torch
     import torch
@@ -67,19 +72,64 @@ def list_models() -> list[ModelFolder]:
 
 
 def resolve_model(model: str | os.PathLike) -> Path:
-    """A model id (newest version wins, user models over bundled on a tie) or a path to a model folder."""
+    """A path to a model folder, or a model id: its active version, else its newest (user over bundled on a tie)."""
     path = Path(model)
     if (path / CARD_FILE).is_file():
         return path
-    matches = [m for m in list_models() if m.card.id == str(model)]
-    if not matches:
+    versions = model_versions(str(model))
+    if not versions:
         known = ", ".join(sorted({m.card.id for m in list_models()})) or "none"
         raise ModelNotFoundError(f"No model '{model}' (not a model folder, not a known id). Known models: {known}")
-    return max(matches, key=lambda m: (_version_key(m.card.version), not m.bundled)).path
+    active = active_versions().get(str(model))
+    chosen = [m for m in versions if m.card.version == active]
+    return (chosen or versions)[-1].path
 
 
 def _version_key(version: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in version.replace("-", ".").split("."))
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in version.replace("-", ".").split("."))
+
+
+def model_versions(model_id: str) -> list[ModelFolder]:
+    """Every folder of ``model_id``, oldest version first (bundled before user on a tie)."""
+    matches = [m for m in list_models() if m.card.id == model_id]
+    return sorted(matches, key=lambda m: (_version_key(m.card.version), not m.bundled))
+
+
+def next_version(model_id: str, base_version: str) -> str:
+    """``<base>-ft.<n>``: the next fine-tune number of ``model_id`` (``base_version`` without any -ft suffix)."""
+    base = base_version.split("-ft.")[0]
+    numbers = [int(v.card.version.rsplit("-ft.", 1)[1]) for v in model_versions(model_id)
+               if "-ft." in v.card.version and v.card.version.rsplit("-ft.", 1)[1].isdigit()]
+    return f"{base}-ft.{max(numbers, default=0) + 1}"
+
+
+def active_versions() -> dict[str, str]:
+    """id -> version chosen by the user (``active.json``); an unreadable file counts as no choice."""
+    try:
+        data = json.loads((user_models_dir() / ACTIVE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def set_active_version(model_id: str, version: str) -> ModelFolder:
+    """Make ``version`` the one ``model_id`` resolves to (revert or re-select); written atomically."""
+    chosen = [m for m in model_versions(model_id) if m.card.version == version]
+    if not chosen:
+        known = ", ".join(m.card.version for m in model_versions(model_id)) or "none"
+        raise ModelNotFoundError(f"Model '{model_id}' has no version '{version}' (versions: {known})")
+    root = user_models_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    active = {**active_versions(), model_id: version}
+    handle, staging = tempfile.mkstemp(prefix=".active.", dir=root)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(active, stream, indent=2)
+        os.replace(staging, root / ACTIVE_FILE)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return chosen[-1]
 
 
 def sha256_of(path: Path) -> str:
@@ -172,9 +222,17 @@ def initialise_from(network: torch.nn.Module, model: str | os.PathLike,
     _, card, state = read_weights(model)
     if card.architecture != architecture:
         raise ModelCardError(f"Model '{card.id}' has architecture {card.architecture}, not {architecture}")
+    return card, load_matching(network, state, card.id)
+
+
+def load_matching(network: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                  skip: frozenset[str] = frozenset()) -> list[str]:
+    """Load the weights of ``state`` whose name and shape match ``network``'s, except ``skip`` (e.g. an output
+    layer being re-made); returns the names left at their fresh initialisation."""
     own = network.state_dict()
-    matching = {name: tensor for name, tensor in state.items() if name in own and own[name].shape == tensor.shape}
+    matching = {name: tensor for name, tensor in state.items()
+                if name in own and name not in skip and own[name].shape == tensor.shape}
     if len(matching) < 0.9 * len(own):
-        raise ModelCardError(f"Model '{card.id}' provides only {len(matching)} of {len(own)} weights")
+        raise ModelCardError(f"Model '{source}' provides only {len(matching)} of {len(own)} weights")
     network.load_state_dict(matching, strict=False)
-    return card, sorted(set(own) - set(matching))
+    return sorted(set(own) - set(matching))

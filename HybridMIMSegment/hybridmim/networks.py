@@ -87,3 +87,11 @@ def _swinunetr(in_channels: int, out_channels: int, **args: Any) -> nn.Module:
 
     args.setdefault("spatial_dims", 3)
     return SwinUNETR(in_channels=in_channels, out_channels=out_channels, **args)
+
+
+def output_layer_names(name: str, in_channels: int, out_channels: int, **args: Any) -> frozenset[str]:
+    """Names of the parameters and buffers whose shape depends on the number of output classes: the part to
+    re-make when a model learns a new label set (found by building the network with one more class)."""
+    one = build_network(name, in_channels, out_channels, **args).state_dict()
+    other = build_network(name, in_channels, out_channels + 1, **args).state_dict()
+    return frozenset(key for key in one if one[key].shape != other[key].shape)

@@ -11,8 +11,8 @@ from conftest import REPO
 from hybridmim.cases import load_case
 from hybridmim.inference import Segmenter
 from hybridmim.model_card import ModelCard
+from hybridmim.sampling import PatchSampler
 from hybridmim_training.datalist import read_datalist, split_cases
-from hybridmim_training.sampling import PatchSampler
 from hybridmim_training.supervised import train_supervised
 
 

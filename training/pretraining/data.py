@@ -18,9 +18,9 @@ from torch.utils.data import Dataset
 
 from hybridmim.geometry import image_to_canonical, model_grid, resize
 from hybridmim.imageio import read_volume
+from hybridmim.sampling import padded_crop, random_start
 
 from ..datalist import read_datalist
-from ..sampling import padded_crop, random_start
 
 logger = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 from hybridmim.model_card import WEIGHTS_FILE, ModelCard
 from hybridmim.model_store import save_model
+from hybridmim.trainer import warmup_cosine
 
 from ..datalist import seeded_split
-from ..supervised import warmup_cosine
 from .data import Source, StepCrops, cached_volume, sources_from_datalist, sources_from_folder
 from .losses import consistency_loss, count_loss, location_loss, masked_reconstruction_loss, nt_xent_loss
 from .masking import apply_mask, random_corner, random_patch_mask, region_slices, subvolume_targets, voxel_mask

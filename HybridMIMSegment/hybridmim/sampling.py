@@ -1,5 +1,5 @@
 """Random training patches from cases held in memory: foreground-biased crops, rotation/scaling, flips and
-intensity jitter."""
+intensity jitter. Used by fine-tuning in the engine and by the offline training package alike."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def padded_crop(array: np.ndarray, start: Sequence[int], size: Sequence[int]) ->
 
 
 class PatchSampler:
-    """Draws (image, label) batches of a fixed patch size from labelled cases.
+    """Draws (image, label) batches of a fixed patch size from cases; for unlabelled cases (``label`` None) the
+    label batch is None.
 
     Crops may reach past the volume's edges (zero-filled, as sliding-window inference pads), so a volume smaller
     than the patch appears at random positions: a network that only ever saw it in one corner learns that corner.
@@ -53,7 +54,11 @@ class PatchSampler:
         self.foreground_probability = foreground_probability
         self.intensity_jitter = intensity_jitter
         self.cases = [(case.image, case.label) for case in cases]
-        self.foreground = [np.argwhere(label > 0) for _, label in self.cases]
+        self.labelled = all(label is not None for _, label in self.cases)
+        if not self.labelled and any(label is not None for _, label in self.cases):
+            raise ValueError("PatchSampler: mix of labelled and unlabelled cases; use one sampler for each")
+        self.foreground = [np.argwhere(label > 0) if label is not None else np.zeros((0, 3), int)
+                           for _, label in self.cases]
 
     def _crop_start(self, index: int) -> list[int]:
         """Start of a crop; may lie outside the volume (negative, or past the end when the volume is smaller
@@ -70,6 +75,8 @@ class PatchSampler:
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         index = int(self.rng.integers(len(self.cases)))
         image, label = self.cases[index]
+        if label is None:
+            label = np.zeros(image.shape[1:], np.uint8)
         start = self._crop_start(index)
         image, label = padded_crop(image, start, self.patch), padded_crop(label, start, self.patch)
         for axis in self.flip_axes:
@@ -81,14 +88,15 @@ class PatchSampler:
             image = image * scale + shift
         return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label)
 
-    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, 1, *patch) float32 images and (B, 1, *patch) int64 labels (None for unlabelled cases)."""
         images, labels = zip(*(self.sample() for _ in range(size)))
         images = torch.from_numpy(np.stack(images))
         labels = torch.from_numpy(np.stack(labels)[:, None].astype(np.int64))
         chosen = [i for i in range(size) if self.rng.random() < self.spatial_probability]
         if chosen:
             images[chosen], labels[chosen] = self._rotate_and_scale(images[chosen], labels[chosen])
-        return images, labels
+        return images, labels if self.labelled else None
 
     def _rotate_and_scale(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Random rotation about the three axes and isotropic scaling around the patch centre, in voxel space

@@ -1,0 +1,149 @@
+"""Fine-tune a model on a user's few corrected volumes (plus unlabelled ones) into a new version of it.
+
+The starting model may be bundled, pre-trained only, or an earlier fine-tune. Its preprocessing (spacing,
+intensity, patch) is kept. A new label set is allowed: the output layer is then re-made and the result gets
+its own id. The result is written atomically to the user models folder and becomes the active version of its
+id; nothing is written when the run fails or is cancelled, and the starting folder is only ever read.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from .cases import ImageSource, LabeledVolume, load_case, source_name
+from .errors import HybridMIMError
+from .evaluation import evaluate
+from .inference import Segmenter, select_device
+from .model_card import WEIGHTS_FILE, Label, ModelCard
+from .model_store import (
+    LoadedModel,
+    load_matching,
+    next_version,
+    read_weights,
+    save_model,
+    set_active_version,
+    user_models_dir,
+)
+from .networks import build_network, output_layer_names
+from .progress import CancelToken
+from .trainer import TrainProgress, TrainSettings, train_network
+
+logger = logging.getLogger(__name__)
+
+#: The method used when none is asked for (why: README, "Fine-tuning").
+DEFAULT_METHOD = "mean-teacher"
+MAX_LABELED = 20  # interactive fine-tuning is for a few volumes; more belongs to offline training
+PALETTE = [(0.90, 0.35, 0.30), (0.30, 0.60, 0.90), (0.40, 0.80, 0.40), (0.95, 0.80, 0.30), (0.70, 0.45, 0.85),
+           (0.30, 0.80, 0.80), (0.95, 0.55, 0.75), (0.60, 0.60, 0.60)]
+
+
+def target_card(parent: ModelCard, label_names: Sequence[str] | None, model_id: str | None) -> tuple[ModelCard, bool]:
+    """The new version's card (before training facts are filled in) and whether the output layer is re-made."""
+    card = ModelCard.from_dict({**parent.to_dict(), "metrics": {}, "training": {}}, source=f"model '{parent.id}'")
+    same = label_names is None or list(label_names) == [label.name for label in parent.labels]
+    if label_names is None and parent.task != "segmentation":
+        raise HybridMIMError(f"Model '{parent.id}' is pre-trained only: name the structures to learn (labels)")
+    if not same:
+        names = [str(n).strip() for n in label_names]
+        if not names or any(not n for n in names) or len(set(names)) != len(names):
+            raise HybridMIMError(f"Label names must be distinct and non-empty, not {list(label_names)}")
+        known = {label.name: label for label in parent.labels}
+        card.labels = [Label(i + 1, n, known[n].color if n in known else list(PALETTE[i % len(PALETTE)]),
+                             known[n].terminology if n in known else None) for i, n in enumerate(names)]
+    card.task = "segmentation"
+    card.id = model_id or (parent.id if same else f"{parent.id}-{slug(' '.join(card_label_names(card)))}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", card.id):
+        raise HybridMIMError(f"Model id '{card.id}' may only use letters, digits, '.', '_' and '-'")
+    card.name = (f"{parent.name} (fine-tuned)" if same else
+                 f"{', '.join(card_label_names(card))} ({parent.modality}), fine-tuned from {parent.id}")
+    card.licence = f"{parent.licence} Fine-tuned on the user's own data."
+    return card, not same or parent.task != "segmentation"
+
+
+def card_label_names(card: ModelCard) -> list[str]:
+    return [label.name for label in card.labels]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "custom"
+
+
+def fine_tune(model: str | Path, labeled: Sequence[tuple[ImageSource, ImageSource]],
+              unlabeled: Sequence[ImageSource] = (), settings: TrainSettings | None = None, *,
+              validation: Sequence[tuple[ImageSource, ImageSource]] = (), label_names: Sequence[str] | None = None,
+              model_id: str | None = None, device: str = "auto",
+              progress: Callable[[TrainProgress], None] | None = None, cancel: CancelToken | None = None,
+              status: Callable[[str], None] = logger.info) -> Path:
+    """Fine-tune ``model`` (id or folder) on ``labeled`` (image, label map) pairs and ``unlabeled`` images.
+
+    Label maps use 0 for background and the model's label values (or 1..N for ``label_names``, a new label set).
+    ``validation`` pairs are never trained on; their Dice is reported during training and written to the card.
+    Returns the new model folder (already the active version of its id).
+    """
+    settings = settings or settings_from(unlabeled=len(unlabeled))
+    settings.check(len(unlabeled))
+    if not 1 <= len(labeled) <= MAX_LABELED:
+        raise HybridMIMError(f"Fine-tuning needs 1 to {MAX_LABELED} labelled volumes, not {len(labeled)}")
+    parent_folder, parent, state = read_weights(model)
+    card, remake_head = target_card(parent, label_names, model_id)
+    target = select_device(device)
+
+    status(f"Loading {len(labeled)} labelled, {len(unlabeled)} unlabelled volumes")
+    labeled_cases = [load_case(card, image, label, source_name(image, f"labelled-{i + 1}"), require_foreground=True)
+                     for i, (image, label) in enumerate(labeled)]
+    unlabeled_cases = [load_case(card, image, None, source_name(image, f"unlabelled-{i + 1}"))
+                       for i, image in enumerate(unlabeled)]
+    validation_volumes = [LabeledVolume(source_name(image, f"validation-{i + 1}"), image, label)
+                          for i, (image, label) in enumerate(validation)]
+    validation_cases = [load_case(card, v.image, v.label, v.name, require_foreground=True)
+                        for v in validation_volumes]
+
+    architecture = card.architecture
+    network = build_network(architecture["name"], card.in_channels, card.out_channels, **architecture.get("args", {}))
+    skip = output_layer_names(architecture["name"], card.in_channels, card.out_channels,
+                              **architecture.get("args", {})) if remake_head else frozenset()
+    fresh = load_matching(network, state, parent.id, skip)
+    status(f"Fine-tuning {parent.id} {parent.version} with {settings.method} on {target.type}"
+           + (f" (new output layer for {', '.join(card_label_names(card))})" if remake_head else ""))
+    result = train_network(network, labeled_cases, unlabeled_cases, card.patch_size, settings, target,
+                           validation_cases, progress, cancel)
+
+    if validation_volumes:
+        status("Measuring Dice on the validation volumes")
+        report = evaluate(Segmenter(LoadedModel(parent_folder, card, network), device=target.type),
+                          validation_volumes, cancel)
+        card.metrics = {"split": f"validation: {len(validation_volumes)} labelled volumes given by the user, "
+                                 "not trained on", "validation_cases": [v.name for v in validation_volumes],
+                        "dice": report["dice_mean"], "hd95_mm": report["hd95_mean_mm"]}
+    if cancel is not None:
+        cancel.raise_if_cancelled()
+    card.version = next_version(card.id, parent.version if card.id == parent.id else "1.0.0")
+    card.description = (f"{parent.description} Fine-tuned ({settings.method}) on {len(labeled)} labelled and "
+                        f"{len(unlabeled)} unlabelled volumes of the user's.").strip()
+    card.training = {
+        "parent": {"id": parent.id, "version": parent.version, "sha256": parent.weights["sha256"]},
+        "method": settings.method, "labeled_volumes": len(labeled), "unlabeled_volumes": len(unlabeled),
+        "labeled_cases": [c.name for c in labeled_cases], "output_layer": "re-made" if remake_head else "kept",
+        "fresh_weights": fresh, "steps": result.steps, "time_seconds": round(result.seconds, 1),
+        "hardware": result.hardware, "settings": asdict(settings),
+    }
+    card.weights = {"file": WEIGHTS_FILE, "sha256": ""}
+    folder = save_model(user_models_dir() / f"{card.id}-{card.version}", network.cpu(), card)
+    set_active_version(card.id, card.version)
+    status(f"New model version {card.id} {card.version} written to {folder}")
+    return folder
+
+
+def settings_from(method: str | None = None, steps: int | None = None, minutes: float | None = None,
+                  seed: int = 0, unlabeled: int = 0, **overrides) -> TrainSettings:
+    """Fine-tuning settings: the defaults, a method (default: ``DEFAULT_METHOD`` when there are unlabelled volumes,
+    else supervised) and a budget (5 minutes when neither steps nor minutes are given)."""
+    if method is None:
+        method = DEFAULT_METHOD if unlabeled else "supervised"
+    if steps is None and minutes is None:
+        minutes = 5.0
+    return TrainSettings(method=method, steps=steps, minutes=minutes, seed=seed, **overrides)

@@ -1,0 +1,87 @@
+"""Pieces of semi-supervised fine-tuning, as plain tensor functions: the EMA teacher, confidence-masked
+pseudo-labels, CutMix / copy-paste mixing and a voxel-weighted Dice + cross-entropy loss.
+
+Mixing always carries a per-voxel weight: voxels that come from a labelled (user-corrected) volume keep their
+reference label with weight 1, whatever the teacher predicts; pseudo-labelled voxels get a lower weight, and
+none where the teacher is not confident.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student, parameters and floating-point buffers alike."""
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.mul_(decay).add_(s.detach(), alpha=1 - decay)
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        if t.is_floating_point():
+            t.mul_(decay).add_(s.detach(), alpha=1 - decay)
+        else:
+            t.copy_(s)
+
+
+@torch.no_grad()
+def pseudo_labels(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, ...) teacher logits -> (B, 1, ...) argmax labels and a 0/1 float mask of voxels whose top softmax
+    probability reaches ``threshold``."""
+    confidence, labels = logits.float().softmax(1).max(1, keepdim=True)
+    return labels, (confidence >= threshold).float()
+
+
+def box_mask(shape: tuple[int, ...], fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """A (1, 1, X, Y, Z) bool mask, True inside one randomly placed box whose sides are ``fraction`` of the patch."""
+    mask = torch.zeros((1, 1, *shape), dtype=torch.bool)
+    box = []
+    for extent in shape:
+        side = max(1, round(extent * fraction))
+        start = int(torch.randint(0, extent - side + 1, (1,), generator=generator))
+        box.append(slice(start, start + side))
+    mask[(..., *box)] = True
+    return mask
+
+
+def mix(inside: torch.Tensor, outside: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``inside`` where ``mask`` is True, ``outside`` elsewhere (mask broadcasts over batch and channels)."""
+    return torch.where(mask, inside, outside)
+
+
+def copy_paste(images: torch.Tensor, labels: torch.Tensor, unlabeled: torch.Tensor, teacher_labels: torch.Tensor,
+               confident: torch.Tensor, region: torch.Tensor,
+               pseudo_weight: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BCP mixing: unlabelled voxels inside ``region``, labelled (user-corrected) voxels elsewhere. Returns the
+    mixed image, its labels (reference where labelled, teacher's where pasted) and per-voxel weights (1 for
+    reference labels, ``pseudo_weight`` for confident pseudo-labels, 0 for unconfident ones)."""
+    mixed = mix(unlabeled, images, region)
+    mixed_labels = mix(teacher_labels, labels, region)
+    weights = mix(pseudo_weight * confident, torch.ones_like(confident), region)
+    return mixed, mixed_labels, weights
+
+
+def weighted_dice_ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the weighted voxels plus soft Dice (foreground classes) over them.
+
+    ``logits`` (B, C, ...), ``labels`` (B, 1, ...) int64, ``weights`` (B, 1, ...) >= 0. Zero total weight -> 0
+    (with a gradient path, so callers need no special case).
+    """
+    logits = logits.float()
+    total = weights.sum()
+    if total <= 0:
+        return logits.sum() * 0.0
+    cross_entropy = (F.cross_entropy(logits, labels[:, 0], reduction="none")[:, None] * weights).sum() / total
+    probabilities = logits.softmax(1)
+    one_hot = torch.zeros_like(probabilities).scatter_(1, labels, 1.0)
+    dims = (0, *range(2, logits.ndim))
+    intersection = (probabilities * one_hot * weights).sum(dims)[1:]
+    denominator = ((probabilities + one_hot) * weights).sum(dims)[1:]
+    dice = 1 - (2 * intersection + 1e-5) / (denominator + 1e-5)
+    return cross_entropy + dice.mean()
+
+
+def sigmoid_rampup(fraction: float) -> float:
+    """exp(-5 (1 - f)^2): the usual ramp of the unsupervised weight from ~0 to 1 over ``fraction`` in [0, 1]."""
+    fraction = min(max(fraction, 0.0), 1.0)
+    return float(torch.exp(torch.tensor(-5.0 * (1 - fraction) ** 2)))

@@ -1,0 +1,253 @@
+"""The one training loop: supervised, Mean Teacher and BCP, budgeted by steps and/or minutes.
+
+Offline training (``hybridmim_training``), ``hybridmim finetune`` and the Slicer Fine-tune button all run this
+loop, on cases already on the model grid (``hybridmim.cases``).
+
+Semi-supervised methods start with a supervised phase (``supervised_fraction`` of the budget: a new head
+must first learn the structure before its predictions are worth using as pseudo-labels); the EMA teacher is
+then copied from the student and updated every step.
+- ``mean-teacher``: supervised loss on labelled patches + confidence-masked pseudo-label loss on a strong view
+  (CutMix between unlabelled patches plus noise) of unlabelled patches, weight ramped up.
+- ``bcp``: bidirectional copy-paste: a box of an unlabelled patch pasted into a labelled one and the reverse;
+  labelled voxels keep their reference labels, pasted unlabelled voxels get the teacher's labels at weight 0.5.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import platform
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from .cases import Case
+from .errors import HybridMIMError
+from .metrics import dice_per_label
+from .progress import CancelToken
+from .sampling import PatchSampler
+from .semisupervised import box_mask, copy_paste, ema_update, mix, pseudo_labels, sigmoid_rampup, weighted_dice_ce
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("supervised", "mean-teacher", "bcp")
+
+
+@dataclass
+class TrainSettings:
+    """Everything that decides a training run. ``steps`` and ``minutes`` are budgets: the first reached ends it
+    (at least one must be set)."""
+
+    method: str = "supervised"
+    steps: int | None = None
+    minutes: float | None = None
+    batch_size: int = 2
+    unlabeled_batch_size: int = 2
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-5
+    warmup_steps: int = 20
+    seed: int = 0
+    # semi-supervised
+    supervised_fraction: float = 0.2
+    ema_decay: float = 0.99
+    confidence: float = 0.8
+    unlabeled_weight: float = 1.0
+    paste_fraction: float = 2 / 3
+    # augmentation (see PatchSampler)
+    flip_axes: list[int] = field(default_factory=list)
+    foreground_probability: float = 0.33
+    intensity_jitter: float = 0.1
+    rotation_degrees: float = 0.0
+    scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    spatial_probability: float = 0.0
+    validate_every: int = 0  # steps between validations on the model grid (0: about ten times per run)
+
+    def check(self, unlabeled: int) -> None:
+        if self.method not in METHODS:
+            raise HybridMIMError(f"Unknown method '{self.method}': use one of {', '.join(METHODS)}")
+        if not self.steps and not self.minutes:
+            raise HybridMIMError("Give a budget: a number of steps, of minutes, or both")
+        if (self.steps is not None and self.steps < 1) or (self.minutes is not None and self.minutes <= 0):
+            raise HybridMIMError("The budget (steps, minutes) must be positive")
+        if self.method != "supervised" and unlabeled == 0:
+            raise HybridMIMError(f"Method '{self.method}' needs unlabelled volumes; give some or use 'supervised'")
+
+
+@dataclass
+class TrainProgress:
+    """What the loop reports after each step; ``validation_dice`` (mean over labels) only on validation steps."""
+
+    step: int
+    fraction: float
+    seconds: float
+    losses: dict[str, float]
+    learning_rate: float
+    validation_dice: float | None = None
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    hardware: str
+    history: list[dict] = field(default_factory=list)  # one entry per validation / every 10 steps
+    validation_dice: float | None = None
+
+
+def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+    """Learning-rate factor for a budget known in steps: linear warm-up, then cosine to 0."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return factor
+
+
+def hardware_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+class _Budget:
+    """Fraction of the budget used: the larger of steps done / steps and time spent / minutes."""
+
+    def __init__(self, steps: int | None, minutes: float | None) -> None:
+        self.steps, self.seconds = steps, minutes * 60 if minutes else None
+        self.started = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def fraction(self, step: int) -> float:
+        parts = []
+        if self.steps:
+            parts.append(step / self.steps)
+        if self.seconds:
+            parts.append(self.elapsed() / self.seconds)
+        return min(max(parts), 1.0)
+
+
+def validation_dice(network: torch.nn.Module, cases: Sequence[Case], patch_size: Sequence[int],
+                    device: torch.device) -> float:
+    """Mean foreground Dice over ``cases`` on the model grid (a quick progress measure; model cards use the
+    engine's full inference on the original grid)."""
+    was_training = network.training
+    network.eval()
+    scores = []
+    with torch.inference_mode():
+        for case in cases:
+            logits = sliding_window_inference(torch.from_numpy(case.image)[None].to(device), tuple(patch_size), 1,
+                                              network, overlap=0.25, mode="gaussian")
+            prediction = logits.argmax(1)[0].cpu().numpy()
+            scores.extend(dice_per_label(prediction, case.label, list(range(1, logits.shape[1]))).values())
+    network.train(was_training)
+    return float(np.mean(scores))
+
+
+def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: Sequence[Case],
+                  patch_size: Sequence[int], settings: TrainSettings, device: torch.device,
+                  validation: Sequence[Case] = (), progress: Callable[[TrainProgress], None] | None = None,
+                  cancel: CancelToken | None = None) -> TrainResult:
+    """Train ``network`` in place on ``device``; returns what happened. Cancelling raises ``Cancelled`` at the next
+    step (the caller writes nothing)."""
+    settings.check(len(unlabeled))
+    if not labeled:
+        raise HybridMIMError("At least one labelled volume is needed")
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    augment = {"flip_axes": settings.flip_axes, "foreground_probability": settings.foreground_probability,
+               "intensity_jitter": settings.intensity_jitter, "rotation_degrees": settings.rotation_degrees,
+               "scale_range": settings.scale_range, "spatial_probability": settings.spatial_probability}
+    labeled_sampler = PatchSampler(labeled, patch_size, settings.seed, **augment)
+    unlabeled_sampler = PatchSampler(unlabeled, patch_size, settings.seed + 1, **augment) if unlabeled else None
+
+    network.to(device).train()
+    optimizer = torch.optim.AdamW(network.parameters(), lr=settings.learning_rate,
+                                  weight_decay=settings.weight_decay)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    budget = _Budget(settings.steps, settings.minutes)
+    validate_every = settings.validate_every or max(1, (settings.steps or 200) // 10)
+    teacher: torch.nn.Module | None = None
+    result = TrainResult(0, 0.0, hardware_name(device))
+    step, fraction = 0, 0.0
+    while fraction < 1.0:
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        learning_rate = settings.learning_rate * min(1.0, (step + 1) / settings.warmup_steps) \
+            * 0.5 * (1 + math.cos(math.pi * fraction))
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate
+        semi = settings.method != "supervised" and fraction >= settings.supervised_fraction
+        if semi and teacher is None:
+            teacher = copy.deepcopy(network).eval().requires_grad_(False)
+        images, labels = labeled_sampler.batch(settings.batch_size)
+        images, labels = images.to(device), labels.to(device)
+        with autocast:
+            if not semi:
+                losses = {"supervised": weighted_dice_ce(network(images), labels, torch.ones_like(labels).float())}
+            else:
+                unlabeled_images, _ = unlabeled_sampler.batch(settings.unlabeled_batch_size)
+                unlabeled_images = unlabeled_images.to(device)
+                with torch.no_grad():
+                    teacher_labels, confident = pseudo_labels(teacher(unlabeled_images), settings.confidence)
+                step_losses = _mean_teacher_losses if settings.method == "mean-teacher" else _bcp_losses
+                losses = step_losses(network, images, labels, unlabeled_images, teacher_labels, confident,
+                                     settings, fraction, generator)
+            loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if teacher is not None:
+            ema_update(teacher, network, settings.ema_decay)
+        step += 1
+        fraction = budget.fraction(step)
+        report = TrainProgress(step, fraction, budget.elapsed(), {k: float(v.detach()) for k, v in losses.items()},
+                               learning_rate)
+        if validation and (step % validate_every == 0 or fraction >= 1.0):
+            report.validation_dice = validation_dice(network, validation, patch_size, device)
+            result.validation_dice = report.validation_dice
+        if step % 10 == 0 or report.validation_dice is not None or fraction >= 1.0:
+            result.history.append(asdict(report))
+        if progress is not None:
+            progress(report)
+    network.eval()
+    result.steps, result.seconds = step, budget.elapsed()
+    logger.info("%s: %d steps in %.0f s on %s", settings.method, step, result.seconds, result.hardware)
+    return result
+
+
+def _mean_teacher_losses(network, images, labels, unlabeled, teacher_labels, confident, settings, fraction,
+                         generator) -> dict[str, torch.Tensor]:
+    """Supervised loss + ramped, confidence-masked pseudo-label loss on CutMixed, noised unlabelled patches."""
+    permutation = torch.roll(torch.arange(unlabeled.shape[0]), 1)
+    box = box_mask(tuple(unlabeled.shape[2:]), settings.paste_fraction, generator).to(unlabeled.device)
+    strong = mix(unlabeled[permutation], unlabeled, box)
+    strong = strong + 0.1 * torch.randn(strong.shape, generator=generator).to(strong.device)
+    mixed_labels = mix(teacher_labels[permutation], teacher_labels, box)
+    mixed_weights = mix(confident[permutation], confident, box)
+    ramp = sigmoid_rampup((fraction - settings.supervised_fraction) / max(1e-6, 1 - settings.supervised_fraction))
+    return {
+        "supervised": weighted_dice_ce(network(images), labels, torch.ones_like(labels).float()),
+        "unlabeled": settings.unlabeled_weight * ramp * weighted_dice_ce(network(strong), mixed_labels, mixed_weights),
+    }
+
+
+def _bcp_losses(network, images, labels, unlabeled, teacher_labels, confident, settings, fraction,
+                generator) -> dict[str, torch.Tensor]:
+    """Both copy-paste directions (unlabelled box into labelled patch, and the reverse)."""
+    del fraction
+    count = min(images.shape[0], unlabeled.shape[0])
+    box = box_mask(tuple(images.shape[2:]), settings.paste_fraction, generator).to(images.device)
+    losses = {}
+    for name, region in (("inward", box), ("outward", ~box)):
+        mixed, mixed_labels, weights = copy_paste(images[:count], labels[:count], unlabeled[:count],
+                                                  teacher_labels[:count], confident[:count], region)
+        losses[name] = weighted_dice_ce(network(mixed), mixed_labels, weights)
+    return losses

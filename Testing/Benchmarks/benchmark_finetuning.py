@@ -1,0 +1,200 @@
+"""Fine-tuning benchmark (not a test) on the left atrium (../shared/data/la): supervised-only vs Mean Teacher vs
+BCP, at equal steps and at equal minutes, over seeds, through the engine's own ``fine_tune``.
+
+Plans:
+- ``standard``: the literature's 4-, 8- and 16-labelled subsets; every other case of the 80 is unlabelled, except
+  a validation split held out from all of them. Starts from random initialisation (a fresh network per seed) and,
+  with ``--pretrained FOLDER``, from HybridMIM-pretrained weights too.
+- ``interactive``: the product's use: 1, 3 or 5 labelled volumes and 10 unlabelled ones, starting from the bundled
+  model of another structure (hippocampus-cnn: a new output layer is made), at the minutes budget only.
+
+Dice is measured with the engine's inference on each case's original grid, on the held-out validation cases and
+on (up to) 10 of the run's unlabelled volumes. Every run appends a line to OUTPUT/results.jsonl and is skipped
+when already there, so an interrupted benchmark continues where it stopped.
+
+    python Testing/Benchmarks/benchmark_finetuning.py --output runs/finetune-benchmark [--plan standard interactive]
+        [--subsets 8 4 16] [--interactive 3 1 5] [--seeds 0 1 2] [--steps 600] [--minutes 2] [--pretrained FOLDER]
+    python Testing/Benchmarks/benchmark_finetuning.py --output runs/finetune-benchmark --report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+VALIDATION_CASES = 12
+EVALUATED_UNLABELED = 10
+METHODS = ("supervised", "mean-teacher", "bcp")
+
+
+def split(data: Path) -> dict:
+    """Case ids: the labelled subsets, a validation split (seed 0) disjoint from every subset, the rest."""
+    dataset = json.loads((data / "dataset.json").read_text(encoding="utf-8"))
+    ids = sorted(Path(entry["image"]).name.split(".")[0] for entry in dataset["training"])
+    subsets = {int(n): list(cases) for n, cases in dataset["labeled_subsets"].items()}
+    in_subsets = set().union(*subsets.values())
+    outside = [i for i in ids if i not in in_subsets]
+    rng = np.random.default_rng(0)
+    validation = sorted(rng.choice(outside, VALIDATION_CASES, replace=False).tolist())
+    pool = [i for i in ids if i not in validation]
+    free = [i for i in pool if i not in in_subsets]
+    return {"subsets": subsets, "validation": validation, "pool": pool,
+            "interactive_unlabeled": sorted(rng.choice(free, EVALUATED_UNLABELED, replace=False).tolist())}
+
+
+def runs(args: argparse.Namespace, cases: dict) -> list[dict]:
+    """Every run of the requested plans, most informative first."""
+    planned = []
+    starts = ["random"] + ([f"pretrained:{args.pretrained}"] if args.pretrained else [])
+    if "standard" in args.plan:
+        for count in args.subsets:
+            labeled = cases["subsets"][count]
+            unlabeled = [i for i in cases["pool"] if i not in labeled]
+            for start in starts:
+                for seed in args.seeds:
+                    for budget in (("steps", args.steps), ("minutes", args.minutes)):
+                        for method in METHODS:
+                            planned.append({"plan": "standard", "start": start, "labeled": labeled,
+                                            "unlabeled": unlabeled, "method": method, "budget": budget,
+                                            "seed": seed})
+    if "interactive" in args.plan:
+        for count in args.interactive:
+            labeled = cases["subsets"][8][:count]
+            for seed in args.seeds:
+                for method in METHODS:
+                    planned.append({"plan": "interactive", "start": "hippocampus-cnn", "labeled": labeled,
+                                    "unlabeled": cases["interactive_unlabeled"], "method": method,
+                                    "budget": ("minutes", args.minutes), "seed": seed})
+    return planned
+
+
+def run_key(run: dict) -> str:
+    return "|".join(str(x) for x in (run["plan"], run["start"], len(run["labeled"]), run["method"],
+                                     *run["budget"], run["seed"]))
+
+
+def start_model(run: dict, output: Path) -> tuple[str, list[str] | None]:
+    """The model folder or id a run starts from, and the label names when they differ from its own."""
+    from hybridmim.model_card import WEIGHTS_FILE, ModelCard
+    from hybridmim.model_store import save_model
+    from hybridmim.networks import build_network
+
+    if run["start"] == "hippocampus-cnn":
+        return "hippocampus-cnn", ["left atrium"]
+    if run["start"].startswith("pretrained:"):
+        return run["start"].split(":", 1)[1], ["left atrium"]
+    folder = output / "starts" / f"random-seed{run['seed']}"
+    if not folder.exists():
+        import torch
+
+        config = json.loads((REPO / "training" / "configs" / "la_cnn.json").read_text(encoding="utf-8"))
+        card = ModelCard.from_dict({**config["card"], "weights": {"file": WEIGHTS_FILE, "sha256": ""}})
+        card.training = {"initialisation": f"random (torch seed {run['seed']})"}
+        torch.manual_seed(run["seed"])
+        network = build_network(card.architecture["name"], 1, card.out_channels, **card.architecture["args"])
+        save_model(folder, network, card)
+    return str(folder), None
+
+
+def execute(run: dict, data: Path, output: Path, validation: list[str]) -> dict:
+    from hybridmim.cases import LabeledVolume
+    from hybridmim.evaluation import evaluate
+    from hybridmim.finetune import fine_tune, settings_from
+    from hybridmim.inference import Segmenter
+
+    def volume(case: str) -> LabeledVolume:
+        return LabeledVolume(case, data / "imagesTr" / f"{case}.nii.gz", data / "labelsTr" / f"{case}.nii.gz")
+
+    model, label_names = start_model(run, output)
+    kind, amount = run["budget"]
+    settings = settings_from(run["method"], steps=amount if kind == "steps" else None,
+                             minutes=amount if kind == "minutes" else None, seed=run["seed"])
+    labeled = [(v.image, v.label) for v in map(volume, run["labeled"])]
+    unlabeled = [volume(case).image for case in run["unlabeled"]] if run["method"] != "supervised" else []
+    folder = fine_tune(model, labeled, unlabeled, settings, label_names=label_names, device="cpu",
+                       model_id=f"bench-{run['plan']}", status=lambda message: None)
+    card = json.loads((folder / "card.json").read_text(encoding="utf-8"))
+    segmenter = Segmenter(folder, "cpu")
+    on_validation = evaluate(segmenter, [volume(c) for c in validation])
+    on_unlabeled = evaluate(segmenter, [volume(c) for c in run["unlabeled"][:EVALUATED_UNLABELED]])
+    shutil.rmtree(folder)
+    return {"key": run_key(run), "plan": run["plan"], "start": run["start"], "labeled": len(run["labeled"]),
+            "unlabeled": len(run["unlabeled"]), "method": run["method"], "budget": list(run["budget"]),
+            "seed": run["seed"], "steps": card["training"]["steps"], "seconds": card["training"]["time_seconds"],
+            "hardware": card["training"]["hardware"],
+            "validation_dice": on_validation["dice_mean"]["mean"], "validation_hd95": on_validation["hd95_mean_mm"],
+            "unlabeled_dice": on_unlabeled["dice_mean"]["mean"]}
+
+
+def report(output: Path) -> None:
+    """Markdown tables: mean +- sd over seeds of validation and unlabelled-volume Dice, steps and seconds."""
+    rows = [json.loads(line) for line in (output / "results.jsonl").read_text(encoding="utf-8").splitlines()]
+    groups = defaultdict(list)
+    for row in rows:
+        groups[(row["plan"], row["start"], row["labeled"], f"{row['budget'][1]} {row['budget'][0]}",
+                row["method"])].append(row)
+
+    def spread(values: list[float]) -> str:
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{100 * statistics.mean(values):.1f} ± {100 * sd:.1f}"
+
+    print("| plan | start | labelled | budget | method | seeds | validation Dice % | unlabelled Dice % "
+          "| steps | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (plan, start, labeled, budget, method), members in sorted(groups.items(), key=lambda kv: (
+            kv[0][0], kv[0][1], kv[0][2], kv[0][3], METHODS.index(kv[0][4]))):
+        print(f"| {plan} | {start} | {labeled} | {budget} | {method} | {len(members)} "
+              f"| {spread([m['validation_dice'] for m in members])} "
+              f"| {spread([m['unlabeled_dice'] for m in members])} "
+              f"| {round(statistics.mean(m['steps'] for m in members))} "
+              f"| {round(statistics.mean(m['seconds'] for m in members))} |")
+    print(f"\nhardware: {sorted({row['hardware'] for row in rows})}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "la")
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--plan", nargs="+", default=["standard", "interactive"], choices=["standard", "interactive"])
+    parser.add_argument("--subsets", nargs="+", type=int, default=[8, 4, 16])
+    parser.add_argument("--interactive", nargs="+", type=int, default=[3, 1, 5])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=600, help="the equal-steps budget")
+    parser.add_argument("--minutes", type=float, default=2.0, help="the equal-minutes budget")
+    parser.add_argument("--pretrained", help="HybridMIM-pretrained model folder (adds the pretrained start)")
+    parser.add_argument("--report", action="store_true", help="print the tables of the runs done so far")
+    args = parser.parse_args()
+    if args.report:
+        report(args.output)
+        return 0
+    logging.basicConfig(level=logging.WARNING)
+    args.output.mkdir(parents=True, exist_ok=True)
+    os.environ["HYBRIDMIM_USER_MODELS"] = str(args.output / "models")
+    cases = split(args.data)
+    (args.output / "split.json").write_text(json.dumps(cases, indent=2) + "\n", encoding="utf-8")
+    results = args.output / "results.jsonl"
+    done = {json.loads(line)["key"] for line in results.read_text(encoding="utf-8").splitlines()} \
+        if results.exists() else set()
+    planned = [run for run in runs(args, cases) if run_key(run) not in done]
+    print(f"{len(planned)} runs to do ({len(done)} already done)", flush=True)
+    for index, run in enumerate(planned, 1):
+        row = execute(run, args.data, args.output, cases["validation"])
+        with open(results, "a", encoding="utf-8") as stream:
+            stream.write(json.dumps(row) + "\n")
+        print(f"[{index}/{len(planned)}] {row['key']}: validation Dice {row['validation_dice']:.3f}, unlabelled "
+              f"{row['unlabeled_dice']:.3f}, {row['steps']} steps, {row['seconds']:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

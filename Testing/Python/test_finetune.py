@@ -1,0 +1,222 @@
+"""Fine-tuning through the engine on real volumes: it learns, it versions, it refuses bad input, it never touches
+bundled models, and a cancelled run leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import BUNDLED_MODEL, SAMPLE_IMAGE, SAMPLE_LABEL
+from hybridmim.cli import main
+from hybridmim.errors import Cancelled, HybridMIMError
+from hybridmim.finetune import fine_tune, settings_from
+from hybridmim.inference import Segmenter
+from hybridmim.metrics import dice_per_label
+from hybridmim.model_store import (
+    active_versions,
+    model_versions,
+    resolve_model,
+    set_active_version,
+    sha256_of,
+    user_models_dir,
+)
+from hybridmim.semisupervised import copy_paste, ema_update, pseudo_labels, weighted_dice_ce
+from hybridmim.trainer import TrainSettings
+
+
+def la_case(shared_data: Path, index: int) -> tuple[Path, Path]:
+    dataset = json.loads((shared_data / "la" / "dataset.json").read_text(encoding="utf-8"))
+    entry = sorted(dataset["training"], key=lambda e: e["image"])[index]
+    return shared_data / "la" / entry["image"], shared_data / "la" / entry["label"]
+
+
+def dice_on(model, image: Path, label: Path) -> float:
+    predicted = Segmenter(model, "cpu").segment(sitk.ReadImage(str(image)))
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(str(label)))
+    return dice_per_label(sitk.GetArrayFromImage(predicted), reference, [1])[1]
+
+
+def bundled_fingerprint() -> dict[str, str]:
+    return {str(p.relative_to(BUNDLED_MODEL)): sha256_of(p) for p in sorted(BUNDLED_MODEL.rglob("*")) if p.is_file()}
+
+
+def test_new_structure_learned_from_two_volumes_and_bundled_model_untouched(shared_data):
+    """Interactive scenario: the bundled hippocampus model learns the left atrium (a new label set, so a new output
+    layer) from two labelled volumes plus an unlabelled one, Mean Teacher; Dice on a held-out volume rises from
+    the starting model's to a usable level."""
+    before = bundled_fingerprint()
+    held_out = la_case(shared_data, 40)
+    start_dice = dice_on("hippocampus-cnn", *held_out)
+    reports = []
+    folder = fine_tune("hippocampus-cnn", [la_case(shared_data, 0), la_case(shared_data, 1)],
+                       [la_case(shared_data, 2)[0]], settings_from("mean-teacher", steps=150, seed=0),
+                       validation=[held_out], label_names=["left atrium"], device="cpu", progress=reports.append)
+    card = json.loads((folder / "card.json").read_text(encoding="utf-8"))
+    assert folder.parent == user_models_dir()
+    assert card["id"] == "hippocampus-cnn-left-atrium" and card["version"] == "1.0.0-ft.1"
+    assert card["training"]["output_layer"] == "re-made" and card["training"]["method"] == "mean-teacher"
+    assert card["training"]["parent"] == {"id": "hippocampus-cnn", "version": "1.0.0",
+                                          "sha256": json.loads((BUNDLED_MODEL / "card.json").read_text(
+                                              encoding="utf-8"))["weights"]["sha256"]}
+    assert [label["name"] for label in card["labels"]] == ["left atrium"]
+    final_dice = dice_on(folder, *held_out)
+    assert card["metrics"]["dice"]["left atrium"] == pytest.approx(final_dice, abs=1e-3)
+    assert final_dice > 0.5 and final_dice > start_dice + 0.3, (start_dice, final_dice)
+    assert [r.step for r in reports] == list(range(1, 151))
+    assert "unlabeled" in reports[-1].losses and reports[-1].validation_dice is not None
+    assert resolve_model("hippocampus-cnn-left-atrium") == folder
+    assert bundled_fingerprint() == before
+
+
+def test_versions_and_revert(shared_data, tmp_path):
+    """Same labels keep the id: each fine-tune is a new active version; revert goes back to any of them."""
+    pair = (SAMPLE_IMAGE, SAMPLE_LABEL)
+    settings = settings_from("supervised", steps=3)
+    first = fine_tune("hippocampus-cnn", [pair], settings=settings, device="cpu")
+    second = fine_tune(first, [pair], settings=settings_from("supervised", steps=3), device="cpu")
+    versions = [v.card.version for v in model_versions("hippocampus-cnn")]
+    assert versions == ["1.0.0", "1.0.0-ft.1", "1.0.0-ft.2"]
+    assert resolve_model("hippocampus-cnn") == second
+    assert json.loads((second / "card.json").read_text(encoding="utf-8"))["training"]["parent"]["version"] \
+        == "1.0.0-ft.1"
+    set_active_version("hippocampus-cnn", "1.0.0")
+    assert resolve_model("hippocampus-cnn") == BUNDLED_MODEL.resolve() or \
+        resolve_model("hippocampus-cnn").samefile(BUNDLED_MODEL)
+    assert active_versions() == {"hippocampus-cnn": "1.0.0"}
+    with pytest.raises(HybridMIMError, match="no version '9.9'"):
+        set_active_version("hippocampus-cnn", "9.9")
+    assert main(["revert", "hippocampus-cnn", "1.0.0-ft.1"]) == 0
+    assert resolve_model("hippocampus-cnn") == first
+
+
+def test_cancel_leaves_no_version(tmp_path):
+    from hybridmim.progress import CancelToken
+
+    token = CancelToken()
+
+    def cancel_at_step_3(report) -> None:
+        if report.step == 3:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        fine_tune("hippocampus-cnn", [(SAMPLE_IMAGE, SAMPLE_LABEL)], settings=settings_from("supervised", steps=50),
+                  device="cpu", progress=cancel_at_step_3, cancel=token)
+    root = user_models_dir()
+    assert not root.exists() or list(root.iterdir()) == []
+    assert [v.card.version for v in model_versions("hippocampus-cnn")] == ["1.0.0"]
+
+
+def write_like(array: np.ndarray, reference: sitk.Image, path: Path) -> Path:
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("geometry", "does not have the geometry"),
+    ("empty", "is empty"),
+    ("values", "values \\[0, 1, 2, 3\\]"),
+    ("no-unlabelled", "needs unlabelled volumes"),
+    ("no-budget", "budget"),
+])
+def test_bad_fine_tuning_input_is_refused_and_nothing_written(problem, message, tmp_path):
+    image = sitk.ReadImage(str(SAMPLE_IMAGE))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_LABEL)))
+    label_path, settings, unlabeled = SAMPLE_LABEL, settings_from("supervised", steps=2), []
+    if problem == "geometry":
+        shifted = sitk.ReadImage(str(SAMPLE_LABEL))
+        shifted.SetOrigin([o + 5 for o in shifted.GetOrigin()])
+        label_path = tmp_path / "shifted.nii.gz"
+        sitk.WriteImage(shifted, str(label_path))
+    elif problem == "empty":
+        label_path = write_like(np.zeros_like(labels), image, tmp_path / "empty.nii.gz")
+    elif problem == "values":
+        values = labels.copy()
+        values[0, 0, 0] = 3
+        label_path = write_like(values.astype(np.uint8), image, tmp_path / "three.nii.gz")
+    elif problem == "no-unlabelled":
+        settings = settings_from("bcp", steps=2)
+    elif problem == "no-budget":
+        settings = TrainSettings(method="supervised")
+    with pytest.raises(HybridMIMError, match=message):
+        fine_tune("hippocampus-cnn", [(SAMPLE_IMAGE, label_path)], unlabeled, settings, device="cpu")
+    assert not user_models_dir().exists() or list(user_models_dir().iterdir()) == []
+
+
+def test_cli_finetune_then_versions(tmp_path, capsys):
+    code = main(["finetune", "--labeled", f"{SAMPLE_IMAGE}:{SAMPLE_LABEL}", "--steps", "3", "--device", "cpu",
+                 "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0 and "hippocampus-cnn 1.0.0-ft.1" in out
+    assert main(["versions", "hippocampus-cnn"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[0].startswith("  1.0.0 ") and listing[1].startswith("* 1.0.0-ft.1")
+    with pytest.raises(SystemExit):  # argparse: not IMAGE:LABEL
+        main(["finetune", "--labeled", f"{SAMPLE_IMAGE}", "--steps", "3"])
+    code = main(["finetune", "--labeled", f"{SAMPLE_IMAGE}:{tmp_path / 'missing.nii.gz'}", "--steps", "3",
+                 "--device", "cpu", "--quiet"])
+    assert code == 2 and "error:" in capsys.readouterr().err
+    assert [v.card.version for v in model_versions("hippocampus-cnn")] == ["1.0.0", "1.0.0-ft.1"]
+
+
+def test_copy_paste_keeps_every_corrected_voxel():
+    """Wherever a voxel comes from the labelled volume, its reference label and full weight win, whatever the
+    teacher says; pasted voxels carry the teacher's label at half weight, none where it is unsure."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (2, 1, 8, 8, 8)
+    images, unlabeled = torch.zeros(shape), torch.ones(shape)
+    labels = torch.randint(0, 3, shape, generator=generator)
+    teacher = (labels + 1) % 3  # disagrees everywhere
+    confident = (torch.rand(shape, generator=generator) > 0.5).float()
+    region = torch.zeros((1, 1, 8, 8, 8), dtype=torch.bool)
+    region[..., 2:6, 2:6, 2:6] = True
+    mixed, mixed_labels, weights = copy_paste(images, labels, unlabeled, teacher, confident, region)
+    outside = ~region.expand(shape)
+    assert torch.equal(mixed_labels[outside], labels[outside]) and bool((weights[outside] == 1).all())
+    assert bool((mixed[outside] == 0).all()) and bool((mixed[~outside] == 1).all())
+    assert torch.equal(mixed_labels[~outside], teacher[~outside])
+    assert torch.equal(weights[~outside], 0.5 * confident[~outside])
+
+
+def test_weighted_loss_ignores_zero_weight_voxels_and_pseudo_labels_threshold():
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(1, 3, 6, 6, 6, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 3, (1, 1, 6, 6, 6), generator=generator)
+    weights = torch.zeros(1, 1, 6, 6, 6)
+    weights[..., :3] = 1
+    changed = labels.clone()
+    changed[..., 3:] = (changed[..., 3:] + 1) % 3
+    assert weighted_dice_ce(logits, labels, weights).item() == pytest.approx(
+        weighted_dice_ce(logits, changed, weights).item())
+    zero = weighted_dice_ce(logits, labels, torch.zeros_like(weights))
+    zero.backward()
+    assert zero.item() == 0.0
+    confident_logits = torch.zeros(1, 2, 1, 1, 2)
+    confident_logits[0, 1, 0, 0, 0] = 5.0  # p = 0.993 for class 1; the other voxel is a coin toss
+    pseudo, mask = pseudo_labels(confident_logits, 0.8)
+    assert pseudo.flatten().tolist() == [1, 0] and mask.flatten().tolist() == [1.0, 0.0]
+
+
+def test_ema_teacher_moves_towards_student():
+    teacher, student = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        teacher.weight.fill_(0.0)
+        student.weight.fill_(1.0)
+    ema_update(teacher, student, 0.9)
+    assert torch.allclose(teacher.weight, torch.full_like(teacher.weight, 0.1))
+
+
+def test_minutes_budget_stops_on_time():
+    settings = settings_from("supervised", minutes=0.1)  # 6 seconds; a step on the sample takes well under 1 s
+    started = os.times().elapsed
+    folder = fine_tune("hippocampus-cnn", [(SAMPLE_IMAGE, SAMPLE_LABEL)], settings=settings, device="cpu")
+    card = json.loads((folder / "card.json").read_text(encoding="utf-8"))
+    assert 5.9 <= card["training"]["time_seconds"] < 15 and card["training"]["steps"] >= 3
+    assert os.times().elapsed - started < 60
