@@ -63,7 +63,8 @@ def list_models() -> list[ModelFolder]:
     for root, bundled in ((bundled_models_dir(), True), (user_models_dir(), False)):
         if not root.is_dir():
             continue
-        for folder in sorted(p for p in root.iterdir() if (p / CARD_FILE).is_file()):
+        # hidden folders are save_model's staging areas, complete or not: a crash can leave one behind
+        for folder in sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p / CARD_FILE).is_file()):
             try:
                 found.append(ModelFolder(folder, ModelCard.load(folder), bundled))
             except ModelCardError:
