@@ -14,7 +14,7 @@ import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -22,6 +22,9 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+
+from hybridmim.methods import DEFAULT_METHOD, DEFAULT_MINUTES
+from HybridMIMSegmentLib.finetuning import METHOD_LABELS, METHOD_TOOLTIPS
 
 DEFAULT_MODEL = "hippocampus-cnn"
 MODULE_DIR = Path(__file__).resolve().parent
@@ -51,6 +54,10 @@ class HybridMIMSegment(ScriptedLoadableModule):
             "Segments a CT or MRI volume with a bundled 3D network (CNN or SwinUNETR). Pick the volume and a model, "
             "click Segment; the result is a segmentation with named, coloured segments on the volume's exact grid. "
             "Runs in the background (Cancel leaves the scene unchanged); uses the GPU when there is one. "
+            "<br><b>Fine-tune</b>: correct a few results in Segment Editor, check them (and any unlabelled volumes) "
+            "in the Fine-tune section, pick a method and a time budget and click Fine-tune: the model is adapted in "
+            "the background (live loss plot; Cancel writes nothing) into a new version in the user models folder, "
+            "which is then selected; earlier versions stay and one click reverts to them. "
             "Models are bundled: nothing is downloaded. Research use only, not for diagnosis. "
             '<a href="https://github.com/HybridMIMSegment/HybridMIMSegment#readme">Documentation</a>.')
         self.parent.acknowledgementText = _(
@@ -67,13 +74,19 @@ class HybridMIMSegment(ScriptedLoadableModule):
 class HybridMIMSegmentParameterNode:
     """inputVolume: volume to segment. model: id or folder of the model (bundled or user). device: auto (GPU when
     present), cuda, cpu. outputSegmentation: where results go (a new node when empty). replaceSegments: overwrite
-    segments of the same name instead of adding new ones."""
+    segments of the same name instead of adding new ones. fineTuneMethod, fineTuneMinutes: how and how long to
+    fine-tune. holdOutForDice: keep the last checked segmentation out of training to measure Dice on it.
+    segmentAfterFineTune: run Segment with the new version when fine-tuning is done."""
 
     inputVolume: vtkMRMLScalarVolumeNode
     model: str = DEFAULT_MODEL
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     outputSegmentation: vtkMRMLSegmentationNode
     replaceSegments: bool = True
+    fineTuneMethod: Annotated[str, Choice(list(METHOD_LABELS))] = DEFAULT_METHOD
+    fineTuneMinutes: Annotated[float, WithinRange(0.1, 600.0)] = DEFAULT_MINUTES
+    holdOutForDice: bool = False
+    segmentAfterFineTune: bool = True
 
 
 #
@@ -93,6 +106,14 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.connect("timeout()", self._pollTask)
+        self._fineTuneTask = None
+        self._plottedRows = 0
+        self._plotWidget = None
+        self._fineTuneCancelling = False
+        self._activeVersionFolder = None
+        self._fineTuneTimer = qt.QTimer()
+        self._fineTuneTimer.setInterval(250)
+        self._fineTuneTimer.connect("timeout()", self._pollFineTune)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -109,14 +130,23 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelSelected)
         self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshModels)
         self.ui.openModelsFolderButton.connect("clicked(bool)", self.onOpenModelsFolder)
+        self.ui.fineTuneButton.connect("clicked(bool)", self.onFineTune)
+        self.ui.fineTuneCancelButton.connect("clicked(bool)", self.onCancelFineTune)
+        self.ui.correctedSegmentationsSelector.connect("checkedNodesChanged()", self._updateButtons)
+        self.ui.versionSelector.connect("currentIndexChanged(int)", self._updateButtons)
+        self.ui.revertButton.connect("clicked(bool)", self.onRevert)
         self.ui.cancelButton.enabled = False
         self.ui.progressBar.hide()
+        self.ui.fineTuneProgressBar.hide()
+        self.ui.lossPlotFrame.hide()
         self.refreshModels()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         self.onCancel()
+        self.onCancelFineTune()
         self._timer.stop()
+        self._fineTuneTimer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -130,6 +160,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         self.onCancel()
+        self.onCancelFineTune()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -150,9 +181,18 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._labelMethodItems()
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
             self._selectModelInCombobox(self._parameterNode.model)
             self._updateButtons()
+
+    def _labelMethodItems(self) -> None:
+        """connectGui fills the method combo with the engine's method ids (it reads by index): show readable names
+        and what each method does."""
+        for index, method in enumerate(METHOD_LABELS):
+            if index < self.ui.fineTuneMethodSelector.count:
+                self.ui.fineTuneMethodSelector.setItemText(index, _(METHOD_LABELS[method]))
+                self.ui.fineTuneMethodSelector.setItemData(index, _(METHOD_TOOLTIPS[method]), qt.Qt.ToolTipRole)
 
     # Models
 
@@ -171,7 +211,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._selectModelInCombobox(selected)
 
     def _selectModelInCombobox(self, model: str) -> None:
-        """Select ``model`` (a folder, or an id: its newest version)."""
+        """Select ``model`` (a folder, or an id: its active version)."""
         try:
             folder = str(self.logic.resolveModel(model))
         except Exception:
@@ -186,7 +226,37 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelInfoLabel.text = modelSummary(self.logic.cardOfFolder(folder)) if folder else _("No model found")
         if folder and self._parameterNode:
             self._parameterNode.model = folder
+        self._updateVersions(folder)
         self._updateButtons()
+
+    def _updateVersions(self, folder) -> None:
+        """List the versions of the selected model's id; the selected folder is the current item."""
+        from HybridMIMSegmentLib.finetuning import version_entries
+
+        self.ui.versionSelector.blockSignals(True)
+        self.ui.versionSelector.clear()
+        card = self.logic.cardOfFolder(folder) if folder else None
+        self._activeVersionFolder = None
+        for entry in version_entries(card.id) if card else []:
+            if entry.active:
+                self._activeVersionFolder = str(entry.path)
+            self.ui.versionSelector.addItem(entry.text, str(entry.path))
+            self.ui.versionSelector.setItemData(self.ui.versionSelector.count - 1, entry.tooltip, qt.Qt.ToolTipRole)
+            self.ui.versionSelector.setItemData(self.ui.versionSelector.count - 1, entry.version, qt.Qt.UserRole + 1)
+        index = self.ui.versionSelector.findData(str(folder)) if folder else -1
+        self.ui.versionSelector.currentIndex = max(index, 0)
+        self.ui.versionSelector.blockSignals(False)
+
+    def onRevert(self) -> None:
+        """Make the chosen version the one the model id means, and select it for Segment and Fine-tune."""
+        with slicer.util.tryWithErrorDisplay(_("Could not change the model version."), waitCursor=True):
+            card = self.logic.cardOfFolder(self._parameterNode.model)
+            version = self.ui.versionSelector.itemData(self.ui.versionSelector.currentIndex, qt.Qt.UserRole + 1)
+            folder = self.logic.revertModel(card.id, version)
+            self._parameterNode.model = str(folder)
+            self.refreshModels()
+            self.ui.fineTuneStatusLabel.text = _("'{id}' now means version {version}.").format(id=card.id,
+                                                                                              version=version)
 
     def onOpenModelsFolder(self) -> None:
         folder = self.logic.userModelsFolder()
@@ -196,12 +266,28 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # Segment / Cancel
 
     def _updateButtons(self, caller=None, event=None) -> None:
-        running = self._task is not None
+        segmenting, fineTuning = self._task is not None, self._fineTuneTask is not None
+        busy = segmenting or fineTuning
         ready = bool(self._parameterNode and self._parameterNode.inputVolume and self.ui.modelSelector.count)
-        self.ui.segmentButton.enabled = ready and not running
-        self.ui.segmentButton.toolTip = _("Segment the input volume") if ready else \
-            _("Select an input volume and a model")
-        self.ui.cancelButton.enabled = running
+        self.ui.segmentButton.enabled = ready and not busy
+        self.ui.segmentButton.toolTip = (
+            _("Wait for fine-tuning to finish") if fineTuning else _("Segment the input volume") if ready
+            else _("Select an input volume and a model"))
+        self.ui.cancelButton.enabled = segmenting
+
+        checked = len(self.ui.correctedSegmentationsSelector.checkedNodes())
+        canFineTune = bool(self._parameterNode and self.ui.modelSelector.count and checked)
+        self.ui.fineTuneButton.enabled = canFineTune and not busy
+        self.ui.fineTuneButton.toolTip = (
+            _("Wait for the running task to finish") if busy
+            else _("Fine-tune the selected model on the checked segmentations into a new version") if canFineTune
+            else _("Check at least one corrected segmentation (and select a model)"))
+        self.ui.fineTuneCancelButton.enabled = fineTuning
+        self.ui.holdOutCheckBox.enabled = checked > 1
+        selected = self.ui.versionSelector.itemData(self.ui.versionSelector.currentIndex)
+        inUse = selected == self._activeVersionFolder and bool(self._parameterNode) and \
+            selected == self._parameterNode.model
+        self.ui.revertButton.enabled = bool(selected) and not fineTuning and not inUse
 
     def onSegment(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Segmentation failed to start."), waitCursor=True):
@@ -254,13 +340,123 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     n=len(card.labels), name=node.GetName())
         self._updateButtons()
 
+    # Fine-tune / Cancel
+
+    def onFineTune(self) -> None:
+        """Read the checked nodes (main thread), confirm a new label set, start the worker and the live plot."""
+        inputs = None
+        with slicer.util.tryWithErrorDisplay(_("Fine-tuning could not start."), waitCursor=True):
+            if not self.logic.setupDependencies(ask=True):
+                self.ui.fineTuneStatusLabel.text = _("Python packages are missing; nothing was done.")
+                return
+            segmentations = list(self.ui.correctedSegmentationsSelector.checkedNodes())
+            heldOut = [segmentations.pop()] if self._parameterNode.holdOutForDice and len(segmentations) > 1 else []
+            prepared = self.logic.prepareFineTune(segmentations, self.ui.unlabeledVolumesSelector.checkedNodes(),
+                                                  model=self._parameterNode.model, validation=heldOut)
+            from HybridMIMSegmentLib.finetuning import fine_tune_settings
+
+            # a method that needs unlabelled volumes without any is reported now, before any question
+            fine_tune_settings(self._parameterNode.fineTuneMethod, self._parameterNode.fineTuneMinutes,
+                               unlabeled=len(prepared.unlabeled))
+            inputs = prepared
+        if inputs is None:
+            return
+        if inputs.label_set.new:
+            question = self.logic.describeNewModel(inputs, self._parameterNode.model)
+            if not slicer.util.confirmOkCancelDisplay(question + "\n\n" + _("Start fine-tuning?"),
+                                                      _("New label set")):
+                self.ui.fineTuneStatusLabel.text = _("Not started.")
+                return
+        with slicer.util.tryWithErrorDisplay(_("Fine-tuning could not start."), waitCursor=True):
+            p = self._parameterNode
+            self._fineTuneTask = self.logic.startFineTune(inputs, model=p.model, method=p.fineTuneMethod,
+                                                          minutes=p.fineTuneMinutes, device=p.device, wait=False)
+            self._fineTuneCancelling = False
+            self._startPlot()
+            self.ui.fineTuneProgressBar.value = 0
+            self.ui.fineTuneProgressBar.show()
+            notes = " ".join(inputs.notes)
+            self.ui.fineTuneStatusLabel.text = _("Starting: {summary}.").format(summary=inputs.summary()) + (
+                f" {notes}" if notes else "")
+            self._fineTuneTimer.start()
+        self._updateButtons()
+
+    def _startPlot(self) -> None:
+        """Show the (emptied) loss plot in the section; its nodes are hidden, unsaved and reused."""
+        from HybridMIMSegmentLib.plotting import TrainingPlot
+
+        plot = TrainingPlot(slicer.mrmlScene)
+        plot.reset()
+        viewNode = plot.view_node()
+        if self._plotWidget is None:
+            self._plotWidget = slicer.qMRMLPlotWidget()
+            self._plotWidget.setMRMLScene(slicer.mrmlScene)
+            self._plotWidget.minimumHeight = 220
+            self._plotWidget.toolTip = _("Training loss per step (light), its running mean (dark) and, when a "
+                                         "segmentation is held out, Dice on it (orange)")
+            self.ui.lossPlotFrame.layout().addWidget(self._plotWidget)
+        self._plotWidget.setMRMLPlotViewNode(viewNode)
+        self._plottedRows = 0
+        self.ui.lossPlotFrame.show()
+
+    def onCancelFineTune(self) -> None:
+        if self._fineTuneTask is not None:
+            self._fineTuneTask.cancel()
+            self._fineTuneCancelling = True
+            self.ui.fineTuneStatusLabel.text = _("Cancelling...")
+
+    def _pollFineTune(self) -> None:
+        task = self._fineTuneTask
+        if task is None:
+            self._fineTuneTimer.stop()
+            return
+        from HybridMIMSegmentLib.plotting import TrainingPlot
+
+        rows = task.log.rows(self._plottedRows)
+        if rows and not self._fineTuneCancelling:  # (a closing scene cancels: plot nothing into the next one)
+            TrainingPlot(slicer.mrmlScene).append(rows)
+            self._plottedRows += len(rows)
+        self.ui.fineTuneProgressBar.value = int(100 * task.fraction)
+        if not self._fineTuneCancelling:
+            self.ui.fineTuneStatusLabel.text = task.message
+        if not task.done:
+            return
+        self._fineTuneTimer.stop()
+        self._fineTuneTask = None
+        self.ui.fineTuneProgressBar.hide()
+        from hybridmim.errors import Cancelled
+
+        if isinstance(task.error, Cancelled):
+            self.ui.fineTuneStatusLabel.text = _("Cancelled: no model was written; segmentations and volumes are "
+                                                 "unchanged.")
+        elif task.error is not None:
+            self.ui.fineTuneStatusLabel.text = _("Failed: {error}").format(error=task.error)
+            slicer.util.errorDisplay(_("Fine-tuning failed: {error}").format(error=task.error))
+            logging.error("Fine-tuning failed", exc_info=task.error)
+        else:
+            self._fineTuneDone(task.result)
+        self._updateButtons()
+
+    def _fineTuneDone(self, folder) -> None:
+        """Select the new version and, if asked, segment the input volume with it."""
+        self._parameterNode.model = str(folder)
+        self.refreshModels()
+        card = self.logic.cardOfFolder(folder)
+        self.ui.fineTuneStatusLabel.text = _("New version {id} {version} selected ({folder}).").format(
+            id=card.id, version=card.version, folder=folder)
+        if self._parameterNode.segmentAfterFineTune and self._parameterNode.inputVolume:
+            self.onSegment()
+
 
 def modelSummary(card) -> str:
     if card is None:
         return ""
     dice = card.metrics.get("dice", {})
     diceText = ", ".join(f"{name} {value:.2f}" for name, value in dice.items()) or _("not measured")
-    return (f"{card.name}\n{_('Modality')}: {card.modality}; {_('structures')}: "
+    parent = (card.training or {}).get("parent")
+    origin = _("Fine-tuned from {id} {version}").format(id=parent.get("id"), version=parent.get("version")) + "\n" \
+        if parent else ""
+    return (f"{card.name}\n{origin}{_('Modality')}: {card.modality}; {_('structures')}: "
             f"{', '.join(label.name for label in card.labels)}\n{_('Validation Dice')}: {diceText}\n"
             f"{_('Licence')}: {card.licence}\n{card.intended_use}")
 
@@ -275,6 +471,9 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
 
         logic = slicer.util.getModuleLogic("HybridMIMSegment")  # or HybridMIMSegmentLogic()
         segmentationNode = logic.segment(volumeNode, model="hippocampus-cnn", device="auto", wait=True)
+        # ... correct it in Segment Editor, then adapt the model to it (and to unlabelled volumes):
+        folder = logic.fineTune([segmentationNode], [otherVolume], model="hippocampus-cnn", minutes=5, wait=True)
+        logic.revertModel("hippocampus-cnn", "1.0.0")  # back to the bundled version
     """
 
     def __init__(self) -> None:
@@ -338,11 +537,75 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
     def _segmenter(self, model: str, device: str):
         from hybridmim.inference import Segmenter
 
-        key = (str(self.resolveModel(model)), device)
+        folder = self.resolveModel(model)
+        # the weights' checksum is part of the key: a folder name can come back with other weights (a version
+        # deleted, then fine-tuned again)
+        key = (str(folder), self.cardOfFolder(folder).weights.get("sha256"), device)
         if key not in self._segmenters:
             self._segmenters.clear()  # keep one model in memory
             self._segmenters[key] = Segmenter(key[0], device)
         return self._segmenters[key]
+
+    # Fine-tuning
+
+    def fineTune(self, labeled, unlabeledVolumes=(), model: str | None = None, method: str | None = None,
+                 minutes: float | None = None, steps: int | None = None, device: str = "auto", progress=None,
+                 wait: bool = True, validation=(), modelId: str | None = None):
+        """Fine-tune ``model`` (id or folder; default the bundled one) on corrected segmentations into a new version.
+
+        ``labeled``: segmentation nodes, each alone (its volume is found from its reference geometry) or as
+        ``(segmentationNode, volumeNode)``. ``unlabeledVolumes``: scalar volume nodes. ``validation``: segmentations
+        held out to measure Dice. ``method``: supervised, mean-teacher or bcp (default: mean-teacher with unlabelled
+        volumes, else supervised); budget ``minutes`` and/or ``steps`` (default 5 minutes). With ``wait`` (scripts)
+        returns the new model folder, already the model's active version; otherwise the started task
+        (``task.result`` the folder, ``task.log`` the losses, ``task.cancel()`` writes nothing). The scene is read
+        here, on the calling (main) thread, and never changed.
+        """
+        inputs = self.prepareFineTune(labeled, unlabeledVolumes, model, validation)
+        return self.startFineTune(inputs, model, method, minutes, steps, device, progress, wait, modelId)
+
+    def prepareFineTune(self, labeled, unlabeledVolumes=(), model: str | None = None, validation=()):
+        """Main thread: read the chosen nodes into engine inputs (images, label maps on each volume's grid, the label
+        set and notes for the user). Raises a HybridMIMError saying what to change when they cannot be used."""
+        from HybridMIMSegmentLib.finetuning import gather_inputs
+
+        card = self.cardOfFolder(self.resolveModel(model or DEFAULT_MODEL))
+        return gather_inputs(list(labeled), list(unlabeledVolumes), card, list(validation))
+
+    def startFineTune(self, inputs, model: str | None = None, method: str | None = None, minutes: float | None = None,
+                      steps: int | None = None, device: str = "auto", progress=None, wait: bool = False,
+                      modelId: str | None = None):
+        """Run a fine-tune on ``prepareFineTune``'s inputs: in a worker thread (returns the started task) or, with
+        ``wait``, here (returns the new model folder). Settings are checked before anything starts."""
+        from HybridMIMSegmentLib.finetuning import FineTuneTask, fine_tune_settings
+
+        settings = fine_tune_settings(method, minutes, steps, unlabeled=len(inputs.unlabeled))
+        task = FineTuneTask(inputs, self.resolveModel(model or DEFAULT_MODEL), settings, device, modelId)
+        if wait:
+            return Path(task.run(progress))
+        return task.start()
+
+    @staticmethod
+    def describeNewModel(inputs, model: str | None = None) -> str:
+        """The question to ask before a new label set is trained (which new model id it makes, from what)."""
+        from HybridMIMSegmentLib.finetuning import describe_new_model
+
+        card = HybridMIMSegmentLogic.cardOfFolder(HybridMIMSegmentLogic.resolveModel(model or DEFAULT_MODEL))
+        return describe_new_model(inputs, card)
+
+    @staticmethod
+    def modelVersions(modelId: str):
+        """Every version of ``modelId`` (bundled and user), oldest first: ``ModelFolder(path, card, bundled)``."""
+        from hybridmim.model_store import model_versions
+
+        return model_versions(modelId)
+
+    @staticmethod
+    def revertModel(modelId: str, version: str) -> Path:
+        """Make ``version`` the one ``modelId`` means (revert a fine-tune; nothing is deleted); returns its folder."""
+        from hybridmim.model_store import set_active_version
+
+        return set_active_version(modelId, version).path
 
     @staticmethod
     def applyResult(volumeNode, labelmap, card, segmentationNode=None, replace: bool = True):
@@ -370,18 +633,44 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
 
 
 class HybridMIMSegmentTest(ScriptedLoadableModuleTest):
-    """Runs in Slicer (self-test, ``Testing/Slicer/run_selftest.py``): real sample, real model, real MRML."""
+    """Runs in Slicer (self-test, ``Testing/Slicer/run_selftest.py``): real sample, real model, real MRML. Models
+    fine-tuned here go to a temporary user models folder, never to the user's own."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
-        self.setUp()
-        self.test_segment_sample_reaches_card_dice()
-        self.setUp()
-        self.test_oblique_volume_gets_the_same_voxels()
-        self.setUp()
-        self.test_cancel_leaves_scene_unchanged()
+        import shutil
+        import tempfile
+
+        previous = os.environ.get("HYBRIDMIM_USER_MODELS")
+        os.environ["HYBRIDMIM_USER_MODELS"] = tempfile.mkdtemp(prefix="HybridMIMSegment-selftest-")
+        try:
+            self.setUp()
+            self.test_segment_sample_reaches_card_dice()
+            self.setUp()
+            self.test_oblique_volume_gets_the_same_voxels()
+            self.setUp()
+            self.test_cancel_leaves_scene_unchanged()
+            for test in (self.test_fine_tune_makes_an_active_version_and_revert_restores,
+                         self.test_cancelled_fine_tune_writes_nothing, self.test_fine_tune_from_the_module_panel):
+                self._emptyUserModels()
+                self.setUp()
+                test()
+        finally:
+            shutil.rmtree(os.environ["HYBRIDMIM_USER_MODELS"], ignore_errors=True)
+            if previous is None:
+                del os.environ["HYBRIDMIM_USER_MODELS"]
+            else:
+                os.environ["HYBRIDMIM_USER_MODELS"] = previous
+
+    @staticmethod
+    def _emptyUserModels():
+        import shutil
+
+        folder = Path(os.environ["HYBRIDMIM_USER_MODELS"])
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
 
     def _loadSample(self):
         volume = slicer.util.loadVolume(str(resourceFile("Samples", "hippocampus_017.nii.gz")))
@@ -446,3 +735,98 @@ class HybridMIMSegmentTest(ScriptedLoadableModuleTest):
         else:
             self.assertIsInstance(task.error, Cancelled)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), before)
+
+    def _correctedSample(self):
+        """The sample, segmented, then 'corrected' to its reference labels (what a user does in Segment Editor)."""
+        from HybridMIMSegmentLib.mrml_bridge import image_from_volume_node, update_segmentation_node
+
+        logic = HybridMIMSegmentLogic()
+        self.assertTrue(logic.setupDependencies(ask=False))
+        volume, reference = self._loadSample()
+        segmentation = logic.segment(volume, model=DEFAULT_MODEL, wait=True)
+        card = logic.cardOfFolder(logic.resolveModel(DEFAULT_MODEL))
+        update_segmentation_node(segmentation, image_from_volume_node(reference), card.labels, volume, replace=True)
+        slicer.mrmlScene.RemoveNode(reference)
+        return logic, volume, segmentation
+
+    def test_fine_tune_makes_an_active_version_and_revert_restores(self):
+        self.delayDisplay("Fine-tuning on a corrected segmentation")
+        logic, volume, segmentation = self._correctedSample()
+        bundled = logic.modelVersions(DEFAULT_MODEL)[0].path
+        nodes = slicer.mrmlScene.GetNumberOfNodes()
+        folder = logic.fineTune([segmentation], model=DEFAULT_MODEL, method="supervised", steps=3, device="auto",
+                                wait=True)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes)
+        card = logic.cardOfFolder(folder)
+        self.assertEqual(card.id, DEFAULT_MODEL)
+        self.assertEqual(card.training["parent"]["version"], "1.0.0")
+        self.assertEqual(logic.resolveModel(DEFAULT_MODEL), folder)
+        self.assertEqual(logic.modelVersions(DEFAULT_MODEL)[-1].path, folder)
+        self.assertIsNotNone(logic.segment(volume, model=DEFAULT_MODEL, wait=True))  # the new version segments
+
+        self.assertEqual(logic.revertModel(DEFAULT_MODEL, "1.0.0"), bundled)
+        self.assertEqual(logic.resolveModel(DEFAULT_MODEL), bundled)
+
+    def test_cancelled_fine_tune_writes_nothing(self):
+        import time
+
+        from hybridmim.errors import Cancelled
+
+        logic, _volume, segmentation = self._correctedSample()
+        nodes = slicer.mrmlScene.GetNumberOfNodes()
+        task = logic.fineTune([segmentation], method="supervised", steps=100000, wait=False)
+        deadline = time.monotonic() + 300
+        while not len(task.log) and not task.done and time.monotonic() < deadline:
+            task.wait(0.1)
+        task.cancel()
+        self.assertTrue(task.wait(300))
+        self.assertIsInstance(task.error, Cancelled)
+        self.assertEqual(list(logic.userModelsFolder().glob("*/card.json")), [])
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes)
+
+    def test_fine_tune_from_the_module_panel(self):
+        """Check the corrected segmentation, click Fine-tune, wait (GUI responsive: events are processed), then the
+        new version is selected, the plot has points, Segment ran again; Use this version reverts."""
+        import time
+
+        from HybridMIMSegmentLib.plotting import TrainingPlot
+
+        logic, volume, segmentation = self._correctedSample()
+        widget = slicer.util.getModuleWidget("HybridMIMSegment")
+        widget.enter()
+        parameters = logic.getParameterNode()
+        parameters.inputVolume = volume
+        parameters.model = DEFAULT_MODEL
+        parameters.fineTuneMethod = "supervised"
+        parameters.fineTuneMinutes = 0.1
+        parameters.segmentAfterFineTune = True
+        widget.refreshModels()
+        widget.ui.correctedSegmentationsSelector.setCheckState(segmentation, qt.Qt.Checked)
+        self.assertTrue(widget.ui.fineTuneButton.enabled)
+        segmentations = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
+
+        widget.ui.fineTuneButton.click()
+        self.assertTrue(widget.ui.fineTuneCancelButton.enabled)
+        self.assertFalse(widget.ui.segmentButton.enabled)
+        deadline = time.monotonic() + 600
+        while (widget._fineTuneTask is not None or widget._task is not None) and time.monotonic() < deadline:
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        self.assertIsNone(widget._fineTuneTask)
+        self.assertIsNone(widget._task)
+
+        card = logic.cardOfFolder(parameters.model)
+        self.assertIn("-ft.", card.version)
+        self.assertEqual(str(logic.resolveModel(DEFAULT_MODEL)), parameters.model)
+        chart = TrainingPlot(slicer.mrmlScene).chart_node()
+        lossTable = slicer.mrmlScene.GetNodeByID(chart.GetNthPlotSeriesNode(0).GetTableNodeID())
+        self.assertGreater(lossTable.GetNumberOfRows(), 0)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), segmentations + 1)
+        self.assertEqual(widget.ui.versionSelector.count, 2)
+
+        widget.ui.versionSelector.currentIndex = 0
+        self.assertTrue(widget.ui.revertButton.enabled)
+        widget.ui.revertButton.click()
+        bundled = logic.modelVersions(DEFAULT_MODEL)[0].path
+        self.assertEqual(logic.resolveModel(DEFAULT_MODEL), bundled)
+        self.assertEqual(parameters.model, str(bundled))

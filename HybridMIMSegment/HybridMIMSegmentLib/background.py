@@ -29,6 +29,17 @@ class BackgroundTask:
         self._thread.start()
         return self
 
+    def run(self, progress: ProgressCallback | None = None) -> Any:
+        """Do the work in the calling thread instead (scripts and tests that wait): returns the result or raises.
+        ``progress`` receives what the work reports, in that thread."""
+        def report(fraction: float, message: str) -> None:
+            self._report(fraction, message)
+            if progress is not None:
+                progress(fraction, message)
+
+        self.result = self._work(report, self.cancel_token)
+        return self.result
+
     def _report(self, fraction: float, message: str) -> None:
         self.fraction, self.message = fraction, message
 

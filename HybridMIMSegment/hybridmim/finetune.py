@@ -14,10 +14,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from .cases import ImageSource, LabeledVolume, load_case, source_name
 from .errors import HybridMIMError
 from .evaluation import evaluate
 from .inference import Segmenter, select_device
+from .methods import DEFAULT_METHOD, DEFAULT_MINUTES, MAX_LABELED
 from .model_card import WEIGHTS_FILE, Label, ModelCard
 from .model_store import (
     LoadedModel,
@@ -34,9 +37,6 @@ from .trainer import TrainProgress, TrainSettings, train_network
 
 logger = logging.getLogger(__name__)
 
-#: The method used when none is asked for (why: README, "Fine-tuning").
-DEFAULT_METHOD = "mean-teacher"
-MAX_LABELED = 20  # interactive fine-tuning is for a few volumes; more belongs to offline training
 PALETTE = [(0.90, 0.35, 0.30), (0.30, 0.60, 0.90), (0.40, 0.80, 0.40), (0.95, 0.80, 0.30), (0.70, 0.45, 0.85),
            (0.30, 0.80, 0.80), (0.95, 0.55, 0.75), (0.60, 0.60, 0.60)]
 
@@ -103,6 +103,7 @@ def fine_tune(model: str | Path, labeled: Sequence[tuple[ImageSource, ImageSourc
                         for v in validation_volumes]
 
     architecture = card.architecture
+    torch.manual_seed(settings.seed)  # a re-made output layer starts from the run's seed too
     network = build_network(architecture["name"], card.in_channels, card.out_channels, **architecture.get("args", {}))
     skip = output_layer_names(architecture["name"], card.in_channels, card.out_channels,
                               **architecture.get("args", {})) if remake_head else frozenset()
@@ -145,5 +146,5 @@ def settings_from(method: str | None = None, steps: int | None = None, minutes: 
     if method is None:
         method = DEFAULT_METHOD if unlabeled else "supervised"
     if steps is None and minutes is None:
-        minutes = 5.0
+        minutes = DEFAULT_MINUTES
     return TrainSettings(method=method, steps=steps, minutes=minutes, seed=seed, **overrides)

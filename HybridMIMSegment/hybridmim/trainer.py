@@ -29,15 +29,13 @@ from monai.inferers import sliding_window_inference
 
 from .cases import Case
 from .errors import HybridMIMError
+from .methods import METHODS
 from .metrics import dice_per_label
 from .progress import CancelToken
 from .sampling import PatchSampler
 from .semisupervised import box_mask, copy_paste, ema_update, mix, pseudo_labels, sigmoid_rampup, weighted_dice_ce
 
 logger = logging.getLogger(__name__)
-
-METHODS = ("supervised", "mean-teacher", "bcp")
-
 
 @dataclass
 class TrainSettings:

@@ -40,3 +40,10 @@ def segmenter():
 def model_copy(tmp_path) -> Path:
     """A writable copy of the bundled model folder, for tests that damage it."""
     return Path(shutil.copytree(BUNDLED_MODEL, tmp_path / "model"))
+
+
+@pytest.fixture
+def scene():
+    """An empty MRML scene (slicer-core)."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core is installed by the test set-up (./setup.sh test)")
+    return slicer.vtkMRMLScene()

@@ -220,3 +220,21 @@ def test_minutes_budget_stops_on_time():
     card = json.loads((folder / "card.json").read_text(encoding="utf-8"))
     assert 5.9 <= card["training"]["time_seconds"] < 15 and card["training"]["steps"] >= 3
     assert os.times().elapsed - started < 60
+
+
+def test_same_seed_same_weights(shared_data):
+    """A step budget and a seed decide the result (Mean Teacher: sampling, CutMix boxes, noise, EMA)."""
+    from safetensors.torch import load_file
+
+    pair, unlabeled = la_case(shared_data, 0), [la_case(shared_data, 2)[0]]
+    settings = dict(steps=6, seed=3, supervised_fraction=0.5)
+    first = fine_tune("hippocampus-cnn", [pair], unlabeled, settings_from("mean-teacher", **settings),
+                      label_names=["left atrium"], device="cpu")
+    second = fine_tune("hippocampus-cnn", [pair], unlabeled, settings_from("mean-teacher", **settings),
+                       label_names=["left atrium"], device="cpu")
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    third = fine_tune("hippocampus-cnn", [pair], unlabeled, settings_from("mean-teacher", **{**settings, "seed": 4}),
+                      label_names=["left atrium"], device="cpu")
+    c = load_file(third / "model.safetensors")
+    assert not all(torch.equal(a[k], c[k]) for k in a)

@@ -20,32 +20,7 @@ from HybridMIMSegmentLib.mrml_bridge import (  # noqa: E402
     terminology_tag,
     update_segmentation_node,
 )
-
-
-@pytest.fixture
-def scene():
-    return slicer.vtkMRMLScene()
-
-
-def load_volume_node(scene, path):
-    """Read a file with Slicer's own volume reader, as File > Add Data does."""
-    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", path.name)
-    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
-    storage.SetFileName(str(path))
-    assert storage.ReadData(node)
-    return node
-
-
-def rotate(volume_node, angles=(25, -15, 10)):
-    matrix = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(matrix)
-    transform = vtk.vtkTransform()
-    transform.RotateZ(angles[0])
-    transform.RotateX(angles[1])
-    transform.RotateY(angles[2])
-    rotated = vtk.vtkMatrix4x4()
-    vtk.vtkMatrix4x4.Multiply4x4(transform.GetMatrix(), matrix, rotated)
-    volume_node.SetIJKToRASMatrix(rotated)
+from mrml_helpers import load_volume_node, reshape  # noqa: E402
 
 
 def segment_through_bridge(scene, volume_node, segmenter, replace=True, segmentation_node=None):
@@ -69,7 +44,7 @@ def test_volume_node_geometry_matches_the_file(scene):
 
 def test_oblique_volume_node_geometry_is_carried_in_lps(scene):
     node = load_volume_node(scene, SAMPLE_IMAGE)
-    rotate(node)
+    reshape(node)
     image = image_from_volume_node(node)
     matrix = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
@@ -83,7 +58,7 @@ def test_oblique_volume_node_geometry_is_carried_in_lps(scene):
 def test_sample_exported_labelmap_equals_engine_output(scene, segmenter, oblique):
     node = load_volume_node(scene, SAMPLE_IMAGE)
     if oblique:
-        rotate(node)
+        reshape(node)
     labelmap, segmentation_node, ids = segment_through_bridge(scene, node, segmenter)
     engine = sitk.GetArrayFromImage(labelmap)
     assert set(np.unique(engine)) == {0, 1, 2}
@@ -102,7 +77,7 @@ def test_sample_exported_labelmap_equals_engine_output(scene, segmenter, oblique
 def test_anisotropic_ct_exported_labelmap_equals_engine_output(scene, segmenter, shared_data):
     """A real CT at 3.2 x 3.2 x 1.5 mm (resampled by the engine to the model's 1 mm and back), rotated."""
     node = load_volume_node(scene, shared_data / "unlabeled" / "ct" / "head_ct_slicer_testing.nrrd")
-    rotate(node, (10, 30, 0))
+    reshape(node, (10, 30, 0))
     labelmap, segmentation_node, ids = segment_through_bridge(scene, node, segmenter)
     engine = sitk.GetArrayFromImage(labelmap)
     assert engine.shape == tuple(reversed(node.GetImageData().GetDimensions()))

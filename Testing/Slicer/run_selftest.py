@@ -4,7 +4,9 @@
         --additional-module-paths HybridMIMSegment --python-script Testing/Slicer/run_selftest.py
 
 Testing/Slicer/run_selftest.sh does exactly this; ``./setup.sh test`` runs it when SLICER_EXECUTABLE is set.
-The self-test installs missing Python packages without asking (torch through the PyTorch extension).
+The self-test installs missing Python packages without asking (torch through the PyTorch extension). Besides
+Segment it fine-tunes the bundled model for a few steps (script API and module panel: live plot, new version
+selected, revert), with HYBRIDMIM_USER_MODELS pointed at a temporary folder for the duration.
 """
 
 import traceback
