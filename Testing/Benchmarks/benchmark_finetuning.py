@@ -123,6 +123,7 @@ def execute(run: dict, data: Path, output: Path, validation: list[str]) -> dict:
     unlabeled = [volume(case).image for case in run["unlabeled"]] if run["method"] != "supervised" else []
     folder = fine_tune(model, labeled, unlabeled, settings, label_names=label_names, device="cpu",
                        model_id=f"bench-{run['plan']}", status=lambda message: None)
+    load = os.getloadavg()[0]  # > CPU count: something else ran beside it (time-budgeted runs did fewer steps)
     card = json.loads((folder / "card.json").read_text(encoding="utf-8"))
     segmenter = Segmenter(folder, "cpu")
     on_validation = evaluate(segmenter, [volume(c) for c in validation])
@@ -131,7 +132,7 @@ def execute(run: dict, data: Path, output: Path, validation: list[str]) -> dict:
     return {"key": run_key(run), "plan": run["plan"], "start": run["start"], "labeled": len(run["labeled"]),
             "unlabeled": len(run["unlabeled"]), "method": run["method"], "budget": list(run["budget"]),
             "seed": run["seed"], "steps": card["training"]["steps"], "seconds": card["training"]["time_seconds"],
-            "hardware": card["training"]["hardware"],
+            "hardware": card["training"]["hardware"], "load": round(load, 2),
             "validation_dice": on_validation["dice_mean"]["mean"], "validation_hd95": on_validation["hd95_mean_mm"],
             "unlabeled_dice": on_unlabeled["dice_mean"]["mean"]}
 
@@ -158,7 +159,8 @@ def report(output: Path) -> None:
               f"| {spread([m['unlabeled_dice'] for m in members])} "
               f"| {round(statistics.mean(m['steps'] for m in members))} "
               f"| {round(statistics.mean(m['seconds'] for m in members))} |")
-    print(f"\nhardware: {sorted({row['hardware'] for row in rows})}")
+    print(f"\nhardware: {sorted({row['hardware'] for row in rows})}; CPU load at the end of training: "
+          f"{min(row['load'] for row in rows):.1f} to {max(row['load'] for row in rows):.1f}")
 
 
 def main() -> int:
