@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
-from hybridmim.errors import ModelCardError
+from conftest import REPO, SAMPLE_IMAGE, SAMPLE_LABEL
+from hybridmim.errors import HybridMIMError, ModelCardError
+from hybridmim.finetune import fine_tune, settings_from
 from hybridmim.model_store import load_model, read_weights
 from hybridmim_training.pretraining.data import StepCrops, cached_volume, normalise, sources_from_folder
 from hybridmim_training.pretraining.pretrain import pretrain
@@ -147,3 +148,13 @@ def test_supervised_fine_tuning_starts_from_the_pretrained_encoder_and_decoder(s
     with pytest.raises(Exception, match="architecture"):
         initialise_from(build_network("unet", 1, 3, channels=[8, 16], strides=[2]), pretrained,
                         {"name": "unet", "args": {}})
+
+    # interactive fine-tuning from the same pre-trained-only folder: names are required, the head is made anew
+    with pytest.raises(HybridMIMError, match="pre-trained only: name the structures"):
+        fine_tune(pretrained, [(SAMPLE_IMAGE, SAMPLE_LABEL)], settings=settings_from(steps=2), device="cpu")
+    version = fine_tune(pretrained, [(SAMPLE_IMAGE, SAMPLE_LABEL)], settings=settings_from(steps=2), device="cpu",
+                        label_names=["anterior", "posterior"])
+    card = ModelCard.load(version)
+    assert card.task == "segmentation" and [label.name for label in card.labels] == ["anterior", "posterior"]
+    assert card.id == "tiny-pretrained-anterior-posterior" and card.training["output_layer"] == "re-made"
+    assert card.training["fresh_weights"] == ["final_conv.bias", "final_conv.weight"]
