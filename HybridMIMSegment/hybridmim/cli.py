@@ -148,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="held-out labelled volumes: Dice during training and on the card (never trained on)")
     tune.add_argument("--method", default=None, choices=["supervised", "mean-teacher", "bcp"],
                       help="default: mean-teacher with unlabelled volumes, supervised without")
-    tune.add_argument("--minutes", type=float, help="time budget (default 5 when --steps is not given)")
-    tune.add_argument("--steps", type=int, help="step budget (with --minutes: whichever comes first)")
+    tune.add_argument("--minutes", type=float, help="time budget (with --steps: whichever comes first; "
+                                                      "neither given: 5 minutes or 3000 steps)")
+    tune.add_argument("--steps", type=int, help="step budget")
     tune.add_argument("--labels", nargs="+", metavar="NAME",
                       help="structure names for label values 1..N when they differ from the model's (the output "
                            "layer is re-made and the result gets a new id)")

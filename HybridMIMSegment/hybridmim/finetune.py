@@ -20,7 +20,7 @@ from .cases import ImageSource, LabeledVolume, load_case, source_name
 from .errors import HybridMIMError
 from .evaluation import evaluate
 from .inference import Segmenter, select_device
-from .methods import DEFAULT_METHOD, DEFAULT_MINUTES, MAX_LABELED
+from .methods import DEFAULT_METHOD, DEFAULT_MINUTES, DEFAULT_STEPS, MAX_LABELED
 from .model_card import WEIGHTS_FILE, Label, ModelCard
 from .model_store import (
     LoadedModel,
@@ -142,9 +142,10 @@ def fine_tune(model: str | Path, labeled: Sequence[tuple[ImageSource, ImageSourc
 def settings_from(method: str | None = None, steps: int | None = None, minutes: float | None = None,
                   seed: int = 0, unlabeled: int = 0, **overrides) -> TrainSettings:
     """Fine-tuning settings: the defaults, a method (default: ``DEFAULT_METHOD`` when there are unlabelled volumes,
-    else supervised) and a budget (5 minutes when neither steps nor minutes are given)."""
+    else supervised) and a budget (``DEFAULT_MINUTES`` or ``DEFAULT_STEPS``, whichever comes first, when neither is
+    given)."""
     if method is None:
         method = DEFAULT_METHOD if unlabeled else "supervised"
     if steps is None and minutes is None:
-        minutes = DEFAULT_MINUTES
+        minutes, steps = DEFAULT_MINUTES, DEFAULT_STEPS
     return TrainSettings(method=method, steps=steps, minutes=minutes, seed=seed, **overrides)
