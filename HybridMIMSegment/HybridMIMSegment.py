@@ -23,7 +23,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from hybridmim.methods import DEFAULT_METHOD, DEFAULT_MINUTES
+from hybridmim.methods import AUTOMATIC, DEFAULT_MINUTES
 from HybridMIMSegmentLib.finetuning import METHOD_LABELS, METHOD_TOOLTIPS
 
 DEFAULT_MODEL = "hippocampus-cnn"
@@ -83,7 +83,7 @@ class HybridMIMSegmentParameterNode:
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     outputSegmentation: vtkMRMLSegmentationNode
     replaceSegments: bool = True
-    fineTuneMethod: Annotated[str, Choice(list(METHOD_LABELS))] = DEFAULT_METHOD
+    fineTuneMethod: Annotated[str, Choice(list(METHOD_LABELS))] = AUTOMATIC
     fineTuneMinutes: Annotated[float, WithinRange(0.1, 600.0)] = DEFAULT_MINUTES
     holdOutForDice: bool = False
     segmentAfterFineTune: bool = True
@@ -357,7 +357,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
             # a method that needs unlabelled volumes without any is reported now, before any question
             fine_tune_settings(self._parameterNode.fineTuneMethod, self._parameterNode.fineTuneMinutes,
-                               unlabeled=len(prepared.unlabeled))
+                               labeled=len(prepared.labeled), unlabeled=len(prepared.unlabeled))
             inputs = prepared
         if inputs is None:
             return
@@ -555,9 +555,10 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
 
         ``labeled``: segmentation nodes, each alone (its volume is found from its reference geometry) or as
         ``(segmentationNode, volumeNode)``. ``unlabeledVolumes``: scalar volume nodes. ``validation``: segmentations
-        held out to measure Dice. ``method``: supervised, mean-teacher or bcp (default: mean-teacher with unlabelled
-        volumes, else supervised); budget ``minutes`` and/or ``steps`` (default 5 minutes). With ``wait`` (scripts)
-        returns the new model folder, already the model's active version; otherwise the started task
+        held out to measure Dice. ``method``: auto (the default: bcp for a single segmentation with unlabelled
+        volumes, else supervised), supervised, mean-teacher or bcp; budget ``minutes`` and/or ``steps`` (default 5
+        minutes or 3000 steps). With ``wait`` (scripts) returns the new model folder, already the model's active
+        version; otherwise the started task
         (``task.result`` the folder, ``task.log`` the losses, ``task.cancel()`` writes nothing). The scene is read
         here, on the calling (main) thread, and never changed.
         """
@@ -579,7 +580,8 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
         ``wait``, here (returns the new model folder). Settings are checked before anything starts."""
         from HybridMIMSegmentLib.finetuning import FineTuneTask, fine_tune_settings
 
-        settings = fine_tune_settings(method, minutes, steps, unlabeled=len(inputs.unlabeled))
+        settings = fine_tune_settings(method, minutes, steps, labeled=len(inputs.labeled),
+                                      unlabeled=len(inputs.unlabeled))
         task = FineTuneTask(inputs, self.resolveModel(model or DEFAULT_MODEL), settings, device, modelId)
         if wait:
             return Path(task.run(progress))

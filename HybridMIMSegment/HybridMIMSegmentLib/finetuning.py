@@ -32,8 +32,10 @@ if TYPE_CHECKING:
     from hybridmim.trainer import TrainProgress, TrainSettings
 
 #: Display names of the engine's methods (``hybridmim.methods.METHODS``; a test keeps the two in step).
-METHOD_LABELS = {"supervised": "Supervised", "mean-teacher": "Mean Teacher", "bcp": "BCP"}
+METHOD_LABELS = {"auto": "Automatic", "supervised": "Supervised", "mean-teacher": "Mean Teacher", "bcp": "BCP"}
 METHOD_TOOLTIPS = {
+    "auto": "BCP for a single corrected segmentation with unlabelled volumes, otherwise Supervised: what measured "
+            "best on the left-atrium benchmark for a few minutes of training (see the README).",
     "supervised": "Learns from the corrected segmentations only. Needs no unlabelled volumes.",
     "mean-teacher": "Also learns from the unlabelled volumes: a slowly averaged copy of the network labels them "
                     "and the network learns its confident voxels on perturbed views.",
@@ -269,12 +271,12 @@ def gather_inputs(labeled: Sequence[Any], unlabeled_volumes: Sequence[Any], card
 
 
 def fine_tune_settings(method: str | None = None, minutes: float | None = None, steps: int | None = None,
-                       unlabeled: int = 0) -> TrainSettings:
+                       labeled: int = 1, unlabeled: int = 0) -> TrainSettings:
     """The engine's settings, checked now (on the main thread) so that a bad choice is reported before a worker
     starts; no method means the engine's default (supervised without unlabelled volumes)."""
     from hybridmim.finetune import settings_from
 
-    settings = settings_from(method=method, steps=steps, minutes=minutes, unlabeled=unlabeled)
+    settings = settings_from(method=method, steps=steps, minutes=minutes, labeled=labeled, unlabeled=unlabeled)
     settings.check(unlabeled)
     return settings
 

@@ -53,7 +53,8 @@ def image_label_pair(value: str) -> tuple[str, str]:
 def _finetune(args: argparse.Namespace) -> int:
     from .finetune import fine_tune, settings_from
 
-    settings = settings_from(args.method, args.steps, args.minutes, args.seed, len(args.unlabeled))
+    settings = settings_from(args.method, args.steps, args.minutes, args.seed, len(args.labeled),
+                             len(args.unlabeled))
     with tqdm(total=100, desc=f"fine-tuning {args.model} ({settings.method})", unit="%", disable=args.quiet,
               bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}] {postfix}") as bar:
         def progress(report) -> None:
@@ -146,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--unlabeled", nargs="*", default=[], metavar="IMAGE", help="unlabelled volumes")
     tune.add_argument("--validation", nargs="*", default=[], type=image_label_pair, metavar="IMAGE:LABEL",
                       help="held-out labelled volumes: Dice during training and on the card (never trained on)")
-    tune.add_argument("--method", default=None, choices=["supervised", "mean-teacher", "bcp"],
-                      help="default: mean-teacher with unlabelled volumes, supervised without")
+    tune.add_argument("--method", default="auto", choices=["auto", "supervised", "mean-teacher", "bcp"],
+                      help="auto (default): bcp for one labelled volume with unlabelled ones, else supervised "
+                           "(measured: README, Fine-tuning)")
     tune.add_argument("--minutes", type=float, help="time budget (with --steps: whichever comes first; "
                                                       "neither given: 5 minutes or 3000 steps)")
     tune.add_argument("--steps", type=int, help="step budget")

@@ -20,7 +20,7 @@ from .cases import ImageSource, LabeledVolume, load_case, source_name
 from .errors import HybridMIMError
 from .evaluation import evaluate
 from .inference import Segmenter, select_device
-from .methods import DEFAULT_METHOD, DEFAULT_MINUTES, DEFAULT_STEPS, MAX_LABELED
+from .methods import AUTOMATIC, DEFAULT_MINUTES, DEFAULT_STEPS, MAX_LABELED, default_method
 from .model_card import WEIGHTS_FILE, Label, ModelCard
 from .model_store import (
     LoadedModel,
@@ -84,7 +84,7 @@ def fine_tune(model: str | Path, labeled: Sequence[tuple[ImageSource, ImageSourc
     ``validation`` pairs are never trained on; their Dice is reported during training and written to the card.
     Returns the new model folder (already the active version of its id).
     """
-    settings = settings or settings_from(unlabeled=len(unlabeled))
+    settings = settings or settings_from(labeled=len(labeled), unlabeled=len(unlabeled))
     settings.check(len(unlabeled))
     if not 1 <= len(labeled) <= MAX_LABELED:
         raise HybridMIMError(f"Fine-tuning needs 1 to {MAX_LABELED} labelled volumes, not {len(labeled)}")
@@ -140,12 +140,11 @@ def fine_tune(model: str | Path, labeled: Sequence[tuple[ImageSource, ImageSourc
 
 
 def settings_from(method: str | None = None, steps: int | None = None, minutes: float | None = None,
-                  seed: int = 0, unlabeled: int = 0, **overrides) -> TrainSettings:
-    """Fine-tuning settings: the defaults, a method (default: ``DEFAULT_METHOD`` when there are unlabelled volumes,
-    else supervised) and a budget (``DEFAULT_MINUTES`` or ``DEFAULT_STEPS``, whichever comes first, when neither is
-    given)."""
-    if method is None:
-        method = DEFAULT_METHOD if unlabeled else "supervised"
+                  seed: int = 0, labeled: int = 1, unlabeled: int = 0, **overrides) -> TrainSettings:
+    """Fine-tuning settings: the defaults, a method (None or 'auto': ``default_method`` for these counts) and a
+    budget (``DEFAULT_MINUTES`` or ``DEFAULT_STEPS``, whichever comes first, when neither is given)."""
+    if method in (None, AUTOMATIC):
+        method = default_method(labeled, unlabeled)
     if steps is None and minutes is None:
         minutes, steps = DEFAULT_MINUTES, DEFAULT_STEPS
     return TrainSettings(method=method, steps=steps, minutes=minutes, seed=seed, **overrides)

@@ -17,7 +17,7 @@ from conftest import BUNDLED_MODEL, SAMPLE_IMAGE, SAMPLE_LABEL
 slicer = pytest.importorskip("slicer", reason="slicer-core is installed by the test set-up (./setup.sh test)")
 vtk = pytest.importorskip("vtk")
 
-from hybridmim.methods import DEFAULT_METHOD  # noqa: E402
+from hybridmim.methods import AUTOMATIC, METHODS  # noqa: E402
 from hybridmim.model_card import Label, ModelCard  # noqa: E402
 from HybridMIMSegmentLib.finetuning import (  # noqa: E402
     METHOD_LABELS,
@@ -83,14 +83,13 @@ def assert_on_volume_grid(image, label, volume_node):
 
 
 def test_method_choices_are_the_engine_methods():
-    from hybridmim.methods import METHODS
-
-    assert tuple(METHOD_LABELS) == METHODS
+    assert tuple(METHOD_LABELS) == (AUTOMATIC, *METHODS)
 
 
 def test_settings_are_checked_before_a_worker_starts():
     assert fine_tune_settings(None, 1.0, None, unlabeled=0).method == "supervised"
-    assert fine_tune_settings(None, None, 3, unlabeled=2).method == DEFAULT_METHOD
+    assert fine_tune_settings(None, None, 3, labeled=1, unlabeled=2).method == "bcp"
+    assert fine_tune_settings(AUTOMATIC, None, 3, labeled=3, unlabeled=2).method == "supervised"
     with pytest.raises(Exception, match="needs unlabelled volumes"):
         fine_tune_settings("bcp", 1.0, None, unlabeled=0)
 
