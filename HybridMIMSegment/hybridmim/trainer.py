@@ -21,7 +21,7 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -94,7 +94,6 @@ class TrainResult:
     steps: int
     seconds: float
     hardware: str
-    history: list[dict] = field(default_factory=list)  # one entry per validation / every 10 steps
     validation_dice: float | None = None
 
 
@@ -211,8 +210,6 @@ def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: 
         if validation and (step % validate_every == 0 or fraction >= 1.0):
             report.validation_dice = validation_dice(network, validation, patch_size, device)
             result.validation_dice = report.validation_dice
-        if step % 10 == 0 or report.validation_dice is not None or fraction >= 1.0:
-            result.history.append(asdict(report))
         if progress is not None:
             progress(report)
     network.eval()
