@@ -55,17 +55,13 @@ def target_card(parent: ModelCard, label_names: Sequence[str] | None, model_id: 
         card.labels = [Label(i + 1, n, known[n].color if n in known else list(PALETTE[i % len(PALETTE)]),
                              known[n].terminology if n in known else None) for i, n in enumerate(names)]
     card.task = "segmentation"
-    card.id = model_id or (parent.id if same else f"{parent.id}-{slug(' '.join(card_label_names(card)))}")
+    card.id = model_id or (parent.id if same else f"{parent.id}-{slug(' '.join(card.label_names().values()))}")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", card.id):
         raise HybridMIMError(f"Model id '{card.id}' may only use letters, digits, '.', '_' and '-'")
     card.name = (f"{parent.name} (fine-tuned)" if same else
-                 f"{', '.join(card_label_names(card))} ({parent.modality}), fine-tuned from {parent.id}")
+                 f"{', '.join(card.label_names().values())} ({parent.modality}), fine-tuned from {parent.id}")
     card.licence = f"{parent.licence} Fine-tuned on the user's own data."
     return card, not same or parent.task != "segmentation"
-
-
-def card_label_names(card: ModelCard) -> list[str]:
-    return [label.name for label in card.labels]
 
 
 def slug(text: str) -> str:
@@ -109,7 +105,7 @@ def fine_tune(model: str | Path, labeled: Sequence[tuple[ImageSource, ImageSourc
                               **architecture.get("args", {})) if remake_head else frozenset()
     fresh = load_matching(network, state, parent.id, skip)
     status(f"Fine-tuning {parent.id} {parent.version} with {settings.method} on {target.type}"
-           + (f" (new output layer for {', '.join(card_label_names(card))})" if remake_head else ""))
+           + (f" (new output layer for {', '.join(card.label_names().values())})" if remake_head else ""))
     result = train_network(network, labeled_cases, unlabeled_cases, card.patch_size, settings, target,
                            validation_cases, progress, cancel)
 
