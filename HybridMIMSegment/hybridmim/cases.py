@@ -14,7 +14,7 @@ from .errors import InputImageError
 from .geometry import ModelGrid, image_to_canonical, model_grid, resize
 from .imageio import read_volume
 from .model_card import ModelCard
-from .preprocessing import normalize_intensity
+from .preprocessing import model_input
 
 ImageSource = sitk.Image | str | os.PathLike
 
@@ -60,8 +60,7 @@ def load_case(card: ModelCard, image_path: ImageSource, label_path: ImageSource 
     name = name or source_name(image_path, "volume")
     image = as_image(image_path)
     grid = model_grid(image, card.target_spacing)
-    volume = normalize_intensity(image_to_canonical(image, grid), card.intensity)
-    volume = resize(torch.from_numpy(volume)[None], grid.model_shape).numpy()
+    volume = model_input(image, grid, card.intensity)
     label = None
     if label_path is not None:
         label_image = as_image(label_path)

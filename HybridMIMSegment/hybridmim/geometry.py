@@ -99,33 +99,82 @@ def resize(volume: torch.Tensor, shape: Sequence[int], mode: str = "trilinear") 
     return F.interpolate(volume[None].float(), size=tuple(shape), mode=mode, **kwargs)[0]
 
 
+UNDECIDED = 255  # cell marker in resized_argmax: its corners disagree (labels are < 255)
+
+
 def resized_argmax(scores: torch.Tensor, shape: Sequence[int], chunk_voxels: int = 1 << 22) -> np.ndarray:
     """uint8 argmax over classes of (C, X, Y, Z) ``scores`` resized to ``shape`` (trilinear, same sampling as
-    ``resize``), computed in slabs along the last axis so no full-resolution float map is ever held."""
+    ``resize``), slab by slab so no full-resolution float map is ever held.
+
+    A trilinear value is a convex combination of its cell's 8 corners, so where all 8 corners have the same argmax
+    the resized argmax is that label too. Only voxels in cells whose corners disagree (near label boundaries) are
+    interpolated; the rest are looked up. The result is the same as interpolating everything.
+    """
     shape = tuple(int(n) for n in shape)
     labels = np.empty(shape, np.uint8)
-    step = max(1, chunk_voxels // (shape[0] * shape[1]))
+    step = max(1, chunk_voxels // (shape[1] * shape[2]))  # slabs along the first axis: contiguous writes
     if tuple(scores.shape[1:]) == shape:
-        for start in range(0, shape[2], step):
-            labels[..., start:start + step] = scores[..., start:start + step].argmax(0).numpy()
+        for start in range(0, shape[0], step):
+            labels[start:start + step] = class_argmax(scores[:, start:start + step]).numpy()
         return labels
-
-    def centres(count: int) -> torch.Tensor:  # grid_sample coordinates of output voxel centres, align_corners=False
-        return (torch.arange(count, dtype=torch.float32) + 0.5) / count * 2 - 1
-
-    x, y, z = (centres(n) for n in shape)
+    if scores.shape[0] >= UNDECIDED:
+        raise ValueError(f"At most {UNDECIDED - 1} classes fit a uint8 labelmap, got {scores.shape[0]}")
+    cells = uniform_cells(class_argmax(scores))
     source = scores[None].float()
-    for start in range(0, shape[2], step):
-        gx, gy, gz = torch.meshgrid(x, y, z[start:start + step], indexing="ij")
-        grid = torch.stack([gz, gy, gx], -1)[None]  # grid_sample's (x, y, z) index the input's (W, H, D) = (Z, Y, X)
-        slab = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        labels[..., start:start + step] = slab[0].argmax(0).numpy()
+    centres = [_sample_centres(n) for n in shape]
+    corner = [_first_corner(c, n) for c, n in zip(centres, scores.shape[1:])]
+    cells = cells.index_select(1, corner[1]).index_select(2, corner[2])
+    for start in range(0, shape[0], step):
+        slab = cells.index_select(0, corner[0][start:start + step])
+        undecided = (slab == UNDECIDED).nonzero()
+        if len(undecided):
+            x, y, z = centres[0][start + undecided[:, 0]], centres[1][undecided[:, 1]], centres[2][undecided[:, 2]]
+            points = torch.stack([z, y, x], -1).view(1, 1, 1, -1, 3)  # grid_sample's (x, y, z) index (Z, Y, X)
+            values = F.grid_sample(source, points, mode="bilinear", padding_mode="border", align_corners=False)
+            slab[undecided[:, 0], undecided[:, 1], undecided[:, 2]] = values[0, :, 0, 0].argmax(0).to(torch.uint8)
+        labels[start:start + step] = slab.numpy()
     return labels
 
 
-def labels_to_image(labels_canonical: np.ndarray, grid: ModelGrid, reference: sitk.Image) -> sitk.Image:
-    """Canonical uint8 label array -> labelmap image with exactly the reference volume's geometry."""
-    labels = np.ascontiguousarray(grid.reorientation.invert(labels_canonical).transpose(2, 1, 0))
-    labelmap = sitk.GetImageFromArray(labels.astype(np.uint8))
+def class_argmax(scores: torch.Tensor) -> torch.Tensor:
+    """uint8 argmax over the first (class) axis, first maximum on ties like ``torch.argmax``; one elementwise pass
+    per class is several times faster than torch's strided reduction over a short first axis."""
+    best = scores[0].clone()
+    labels = torch.zeros(scores.shape[1:], dtype=torch.uint8)
+    for value in range(1, scores.shape[0]):
+        better = scores[value] > best
+        labels.masked_fill_(better, value)
+        best = torch.where(better, scores[value], best)
+    return labels
+
+
+def uniform_cells(labels: torch.Tensor) -> torch.Tensor:
+    """For each voxel, the label shared by it and its +1 neighbours along every axis (the far faces repeat
+    themselves), or UNDECIDED where they differ."""
+    low = high = F.pad(labels[None, None].float(), (0, 1, 0, 1, 0, 1), mode="replicate")[0, 0].to(torch.uint8)
+    for axis, size in enumerate(labels.shape):
+        low = torch.minimum(low.narrow(axis, 0, size), low.narrow(axis, 1, size))
+        high = torch.maximum(high.narrow(axis, 0, size), high.narrow(axis, 1, size))
+    return torch.where(low == high, low, torch.full_like(low, UNDECIDED))
+
+
+def _sample_centres(count: int) -> torch.Tensor:
+    """grid_sample coordinates (align_corners=False) of ``count`` output voxel centres along one axis."""
+    return (torch.arange(count, dtype=torch.float32) + 0.5) / count * 2 - 1
+
+
+def _first_corner(coordinates: torch.Tensor, size: int) -> torch.Tensor:
+    """Index of the lower corner of the input cell each coordinate samples, as grid_sample computes it."""
+    position = (((coordinates + 1) * size - 1) / 2).clamp(0, size - 1)
+    return position.floor().long()
+
+
+def labels_on_grid(scores: torch.Tensor, grid: ModelGrid, reference: sitk.Image) -> sitk.Image:
+    """(C, X, Y, Z) class scores on the model grid -> uint8 argmax labelmap with exactly the reference volume's
+    size, spacing, origin and direction. Scores are reoriented back at model resolution (small), so the
+    full-resolution labels are written once, already in the file's memory order."""
+    source = grid.reorientation.invert(scores.numpy()).transpose(0, 3, 2, 1)  # (C, k, j, i)
+    labels = resized_argmax(torch.from_numpy(np.ascontiguousarray(source)), reference.GetSize()[::-1])
+    labelmap = sitk.GetImageFromArray(labels)
     labelmap.CopyInformation(reference)
     return labelmap

@@ -15,16 +15,23 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from .errors import HybridMIMError, InputImageError
-from .geometry import image_to_canonical, labels_to_image, model_grid, resize, resized_argmax
+from .geometry import labels_on_grid, model_grid
 from .imageio import check_output_path, read_volume, write_labelmap
 from .model_card import ModelCard
 from .model_store import LoadedModel, load_model
-from .preprocessing import normalize_intensity
+from .preprocessing import model_input
 from .progress import CancelToken, ProgressCallback, no_progress
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_OVERLAP = 0.25
+# How overlapping windows are blended: MONAI's default, uniform weights. With it our labels equal a plain MONAI
+# pipeline's voxel for voxel wherever no resampling is needed (benchmark_inference.py); a card may ask for
+# "gaussian" (``inference.blend``).
+DEFAULT_BLEND = "constant"
+# Windows per network call. On CPU a batch of 4 runs a window about 2.5x faster than batches of 1 (measured with
+# Testing/Benchmarks/benchmark_inference.py); on a GPU it is halved on out-of-memory.
+DEFAULT_WINDOW_BATCH = 4
 MAX_MODEL_VOXELS = 1024**3 // 2  # beyond this a volume resampled to the model's spacing cannot be held in memory
 
 
@@ -60,12 +67,13 @@ class Segmenter:
     """A loaded model ready to segment volumes; reuse it for many volumes to load weights once."""
 
     def __init__(self, model: LoadedModel | str | os.PathLike, device: str = "auto",
-                 overlap: float | None = None, sw_batch_size: int = 1) -> None:
+                 overlap: float | None = None, sw_batch_size: int = DEFAULT_WINDOW_BATCH) -> None:
         self.device = select_device(device)
         self.model = model if isinstance(model, LoadedModel) else load_model(model, self.device)
         self.model.network.to(self.device).eval()
         self.overlap = overlap if overlap is not None else self.model.card.inference.get("overlap", DEFAULT_OVERLAP)
         self.sw_batch_size = sw_batch_size
+        self.blend = self.model.card.inference.get("blend", DEFAULT_BLEND)
 
     @property
     def card(self) -> ModelCard:
@@ -96,13 +104,35 @@ class Segmenter:
                 dims = [axis + 2 for axis in flip]
                 flipped = volume[None].to(self.device).flip(dims) if dims else volume[None].to(self.device)
                 logits = sliding_window_inference(flipped, roi, self.sw_batch_size, predictor,
-                                                  overlap=self.overlap, mode="gaussian")
+                                                  overlap=self.overlap, mode=self.blend)
                 scores = softmax_in_slabs(logits.float())
                 scores = scores.flip(dims) if dims else scores
                 probabilities = scores if probabilities is None else probabilities.add_(scores)
             if len(flips) > 1:
                 probabilities.div_(len(flips))
         return probabilities[0].cpu()
+
+    def _predict_with_fallback(self, volume: torch.Tensor, progress: ProgressCallback,
+                               cancel: CancelToken | None) -> torch.Tensor:
+        """On GPU out-of-memory, retry with half as many windows per call, and on the CPU once a single window
+        does not fit; each step is logged and reported."""
+        while True:
+            try:
+                return self.predict_probabilities(volume, progress, cancel)
+            except torch.cuda.OutOfMemoryError:
+                if self.device.type != "cuda":
+                    raise
+                torch.cuda.empty_cache()
+                if self.sw_batch_size > 1:
+                    self.sw_batch_size //= 2
+                    message = f"GPU out of memory: retrying with {self.sw_batch_size} window(s) per batch"
+                else:
+                    self.device = torch.device("cpu")
+                    self.model.network.to(self.device)
+                    self.sw_batch_size = DEFAULT_WINDOW_BATCH
+                    message = "GPU out of memory: continuing on the CPU"
+                logger.warning("%s (model %s)", message, self.card.id)
+                progress(0.0, message)
 
     def segment(self, image: sitk.Image, progress: ProgressCallback = no_progress,
                 cancel: CancelToken | None = None) -> sitk.Image:
@@ -116,25 +146,13 @@ class Segmenter:
                                   f"voxels ({voxels / 1e9:.1f} billion); check the spacing in its header "
                                   f"({image.GetSpacing()} mm)")
         progress(0.0, "preprocessing")
-        volume = normalize_intensity(image_to_canonical(image, grid), card.intensity)
-        tensor = resize(torch.from_numpy(volume)[None], grid.model_shape)
+        tensor = torch.from_numpy(model_input(image, grid, card.intensity))
         windows_progress = lambda f, m: progress(0.05 + 0.85 * f, m)  # noqa: E731
-        try:
-            probabilities = self.predict_probabilities(tensor, windows_progress, cancel)
-        except torch.cuda.OutOfMemoryError:
-            if self.device.type != "cuda":
-                raise
-            logger.warning("GPU out of memory for model %s; continuing on the CPU", card.id)
-            progress(0.05, "GPU out of memory: continuing on the CPU")
-            torch.cuda.empty_cache()
-            self.device = torch.device("cpu")
-            self.model.network.to(self.device)
-            probabilities = self.predict_probabilities(tensor, windows_progress, cancel)
+        probabilities = self._predict_with_fallback(tensor, windows_progress, cancel)
         if cancel is not None:
             cancel.raise_if_cancelled()
         progress(0.95, "postprocessing")
-        labels = resized_argmax(probabilities, grid.canonical_shape)
-        labelmap = labels_to_image(labels, grid, image)
+        labelmap = labels_on_grid(probabilities, grid, image)
         progress(1.0, "done")
         return labelmap
 

@@ -115,6 +115,10 @@ class ModelCard:
             len(self.target_spacing) != 3 or any(s <= 0 for s in self.target_spacing)
         ):
             fail("target_spacing must be three positive numbers or null")
+        if self.inference.get("blend", "constant") not in ("constant", "gaussian"):
+            fail(f"inference.blend must be 'constant' or 'gaussian', not '{self.inference['blend']}'")
+        if not 0 <= float(self.inference.get("overlap", 0.25)) < 1:
+            fail("inference.overlap must be in [0, 1)")
         if self.task not in ("segmentation", "pretrained"):
             fail(f"task must be 'segmentation' or 'pretrained', not '{self.task}'")
         values = [label.value for label in self.labels]

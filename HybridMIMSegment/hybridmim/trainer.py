@@ -29,6 +29,7 @@ from monai.inferers import sliding_window_inference
 
 from .cases import Case
 from .errors import HybridMIMError
+from .inference import DEFAULT_BLEND, DEFAULT_OVERLAP, DEFAULT_WINDOW_BATCH
 from .methods import METHODS
 from .metrics import dice_per_label
 from .progress import CancelToken
@@ -140,8 +141,9 @@ def validation_dice(network: torch.nn.Module, cases: Sequence[Case], patch_size:
     scores = []
     with torch.inference_mode():
         for case in cases:
-            logits = sliding_window_inference(torch.from_numpy(case.image)[None].to(device), tuple(patch_size), 1,
-                                              network, overlap=0.25, mode="gaussian")
+            logits = sliding_window_inference(torch.from_numpy(case.image)[None].to(device), tuple(patch_size),
+                                              DEFAULT_WINDOW_BATCH, network, overlap=DEFAULT_OVERLAP,
+                                              mode=DEFAULT_BLEND)
             prediction = logits.argmax(1)[0].cpu().numpy()
             scores.extend(dice_per_label(prediction, case.label, list(range(1, logits.shape[1]))).values())
     network.train(was_training)

@@ -62,7 +62,8 @@ def runs(args: argparse.Namespace, cases: dict) -> list[dict]:
             unlabeled = [i for i in cases["pool"] if i not in labeled]
             for start in starts:
                 for seed in args.seeds:
-                    for budget in (("steps", args.steps), ("minutes", args.minutes)):
+                    for budget in [b for b in (("steps", args.steps), ("minutes", args.minutes))
+                                   if b[0] in args.budgets]:
                         for method in METHODS:
                             planned.append({"plan": "standard", "start": start, "labeled": labeled,
                                             "unlabeled": unlabeled, "method": method, "budget": budget,
@@ -173,6 +174,9 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=600, help="the equal-steps budget")
     parser.add_argument("--minutes", type=float, default=2.0, help="the equal-minutes budget")
+    parser.add_argument("--budgets", nargs="+", default=["steps", "minutes"], choices=["steps", "minutes"],
+                        help="standard plan: which budgets to run (equal-steps runs tolerate a busy machine, "
+                             "equal-minutes runs do not)")
     parser.add_argument("--pretrained", help="HybridMIM-pretrained model folder (adds the pretrained start)")
     parser.add_argument("--report", action="store_true", help="print the tables of the runs done so far")
     args = parser.parse_args()

@@ -97,6 +97,38 @@ def test_cancel_stops_the_run_and_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.nrrd"]
 
 
+def test_gpu_out_of_memory_halves_the_window_batch_then_moves_to_the_cpu(segmenter, monkeypatch):
+    """Fault injection: every 'GPU' call runs out of memory. The segmenter retries with 4, 2, 1 windows per call,
+    then finishes on the CPU with the labels of a plain CPU run, saying what it did."""
+    volume = read_volume(SAMPLE_IMAGE)
+    expected = sitk.GetArrayFromImage(segmenter.segment(volume))
+    fallback = Segmenter(segmenter.model, "cpu", sw_batch_size=8)
+    fallback.device = torch.device("cuda")  # pretend; the injected failure stands in for CUDA
+    real = Segmenter.predict_probabilities
+    attempts = []
+
+    def out_of_memory_on_gpu(self, *args, **kwargs):
+        attempts.append((self.device.type, self.sw_batch_size))
+        if self.device.type == "cuda":
+            raise torch.cuda.OutOfMemoryError("injected")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Segmenter, "predict_probabilities", out_of_memory_on_gpu)
+    messages = []
+    labels = fallback.segment(volume, lambda fraction, message: messages.append(message))
+    assert attempts == [("cuda", 8), ("cuda", 4), ("cuda", 2), ("cuda", 1), ("cpu", 4)]
+    assert sum("out of memory" in message for message in messages) == 4
+    assert "continuing on the CPU" in messages[messages.index("preprocessing") + 4]
+    assert np.array_equal(sitk.GetArrayFromImage(labels), expected)
+
+
+def test_window_batch_does_not_change_the_labels(segmenter):
+    volume = sitk.Expand(read_volume(SAMPLE_IMAGE), [2, 2, 1])  # several windows
+    batched = sitk.GetArrayFromImage(Segmenter(segmenter.model, "cpu", sw_batch_size=4).segment(volume))
+    single = sitk.GetArrayFromImage(Segmenter(segmenter.model, "cpu", sw_batch_size=1).segment(volume))
+    assert (batched == single).mean() > 0.9999 and len(np.unique(single)) == 3
+
+
 def test_bundled_model_is_listed_and_resolves_by_id():
     models = {m.card.id: m for m in list_models()}
     assert models["hippocampus-cnn"].bundled
@@ -108,6 +140,15 @@ def test_card_missing_fields_is_a_clear_error(model_copy):
     del card["labels"]
     (model_copy / "card.json").write_text(json.dumps(card), encoding="utf-8")
     with pytest.raises(ModelCardError, match="missing field.*labels"):
+        load_model(model_copy)
+
+
+@pytest.mark.parametrize("inference,message", [({"blend": "median"}, "blend"), ({"overlap": 1.0}, "overlap")])
+def test_card_with_unusable_inference_settings_is_refused(model_copy, inference, message):
+    card = json.loads((model_copy / "card.json").read_text(encoding="utf-8"))
+    card["inference"] = inference
+    (model_copy / "card.json").write_text(json.dumps(card), encoding="utf-8")
+    with pytest.raises(ModelCardError, match=message):
         load_model(model_copy)
 
 

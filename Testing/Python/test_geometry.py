@@ -140,11 +140,49 @@ def test_edge_case_volumes_give_a_labelmap_on_their_own_grid(segmenter, sample, 
 
 @pytest.mark.parametrize("target", [(23, 31, 17), (40, 18, 55), (20, 24, 28)], ids=["down", "mixed", "same"])
 def test_slab_wise_argmax_equals_resizing_the_whole_map(target):
-    """The memory-bounded post-processing gives the labels of resizing all class maps at once, then argmax."""
+    """The memory-bounded post-processing (class maps looked up where a cell's corners agree, interpolated only
+    where they differ) gives the labels of resizing all class maps at once, then argmax."""
     from hybridmim.geometry import resize, resized_argmax
 
-    scores = torch.rand(4, 20, 24, 28, generator=torch.Generator().manual_seed(0))
+    noise = torch.rand(1, 4, 20, 24, 28, generator=torch.Generator().manual_seed(0))
+    scores = torch.nn.functional.avg_pool3d(noise, 5, 1, 2)[0]  # smooth: regions and boundaries, like real output
     expected = resize(scores, target).argmax(0).numpy()
     slabs = resized_argmax(scores, target, chunk_voxels=900)  # several slabs
     assert slabs.dtype == np.uint8 and slabs.shape == target
+    assert len(np.unique(expected)) > 1
     assert (slabs == expected).mean() > 0.9999
+
+
+def test_uniform_cells_mark_cells_whose_corners_disagree():
+    from hybridmim.geometry import UNDECIDED, uniform_cells
+
+    labels = torch.zeros(3, 3, 3, dtype=torch.uint8)
+    labels[2, 2, 2] = 1
+    cells = uniform_cells(labels)
+    assert cells[1, 1, 1] == UNDECIDED and cells[2, 1, 2] == UNDECIDED  # (2, 2, 2) is one of their corners
+    assert cells[2, 2, 2] == 1  # the far face repeats itself
+    assert cells[0, 0, 0] == 0 and cells[1, 1, 0] == 0 and (cells == UNDECIDED).sum() == 7
+
+
+def test_class_argmax_takes_the_first_maximum_like_torch():
+    from hybridmim.geometry import class_argmax
+
+    scores = torch.randint(0, 3, (5, 6, 7, 8), generator=torch.Generator().manual_seed(1)).float()  # many ties
+    assert torch.equal(class_argmax(scores), scores.argmax(0).to(torch.uint8))
+
+
+def test_network_input_does_not_depend_on_how_the_axes_are_stored(sample):
+    """Resampling runs in the file's own axis order; the same anisotropic volume stored permuted and flipped
+    gives the same network input."""
+    from hybridmim.geometry import model_grid
+    from hybridmim.model_card import Intensity
+    from hybridmim.preprocessing import model_input
+
+    anisotropic = sitk.Image(sample)
+    anisotropic.SetSpacing((0.7, 1.3, 2.5))
+    stored_differently = sitk.Flip(sitk.PermuteAxes(anisotropic, [2, 0, 1]), [True, False, True])
+    inputs = [model_input(volume, model_grid(volume, (1.0, 1.0, 1.0)), Intensity("zscore"))
+              for volume in (anisotropic, stored_differently)]
+    expected_shape = tuple(round(n * s) for n, s in zip(sample.GetSize(), (0.7, 1.3, 2.5)))
+    assert inputs[0].shape == inputs[1].shape == (1, *expected_shape)
+    np.testing.assert_allclose(inputs[0], inputs[1], atol=1e-5)
