@@ -34,6 +34,7 @@ def read_volume(path: str | os.PathLike) -> sitk.Image:
             raise InputImageError(f"Input file is empty: {path}")
         if path.name.lower().endswith((".nii", ".nii.gz")):
             _check_nifti_complete(path)
+        _check_fits_in_memory(path)
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as error:
@@ -42,6 +43,44 @@ def read_volume(path: str | os.PathLike) -> sitk.Image:
     image = _as_scalar_3d(image, path)
     _check_values(image, path)
     return image
+
+
+BYTES_PER_VOXEL_AFTER_READING = 5  # a float32 working copy and the uint8 labels, on top of the voxels themselves
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux: MemAvailable; elsewhere physical memory), or None."""
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as stream:
+            for line in stream:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_fits_in_memory(path: Path) -> None:
+    """Refuse, from the header alone, a volume whose voxels and working copies cannot fit in memory: reading it
+    would otherwise end in the system killing the process (Slicer included) instead of an error."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return  # not readable as a single file; ReadImage reports why
+    voxels = int(np.prod(reader.GetSize(), dtype=np.float64))
+    component = np.dtype(sitk.GetArrayViewFromImage(sitk.Image([1] * reader.GetDimension(),
+                                                                  reader.GetPixelID())).dtype).itemsize
+    needed = voxels * (component * reader.GetNumberOfComponents() + BYTES_PER_VOXEL_AFTER_READING)
+    available = available_memory()
+    if available is not None and needed > available:
+        size = "x".join(str(n) for n in reader.GetSize())
+        raise InputImageError(f"{path} is {size} voxels: segmenting it needs about {needed / 2**30:.1f} GiB of "
+                              f"memory and {available / 2**30:.1f} GiB is available")
 
 
 def _check_nifti_complete(path: Path) -> None:

@@ -32,6 +32,7 @@ DEFAULT_BLEND = "constant"
 # Windows per network call. On CPU a batch of 4 runs a window about 2.5x faster than batches of 1 (measured with
 # Testing/Benchmarks/benchmark_inference.py); on a GPU it is halved on out-of-memory.
 DEFAULT_WINDOW_BATCH = 4
+GPU_OUTPUT_BYTES = 2 * 1024**3  # larger class-score maps are accumulated in CPU memory, window by window
 MAX_MODEL_VOXELS = 1024**3 // 2  # beyond this a volume resampled to the model's spacing cannot be held in memory
 
 
@@ -97,14 +98,17 @@ class Segmenter:
             progress(min(done / total, 1.0), f"window batch {done}/{total}")
             return output
 
-        autocast = (torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else nullcontext())
+        on_gpu = self.device.type == "cuda"
+        autocast = torch.autocast("cuda", dtype=torch.float16) if on_gpu else nullcontext()
+        output_bytes = 4 * (self.card.out_channels + 1) * math.prod(volume.shape[1:])
+        output_device = torch.device("cpu") if on_gpu and output_bytes > GPU_OUTPUT_BYTES else self.device
         probabilities = None
         with torch.inference_mode(), autocast:
             for flip in flips:
                 dims = [axis + 2 for axis in flip]
                 flipped = volume[None].to(self.device).flip(dims) if dims else volume[None].to(self.device)
                 logits = sliding_window_inference(flipped, roi, self.sw_batch_size, predictor,
-                                                  overlap=self.overlap, mode=self.blend)
+                                                  overlap=self.overlap, mode=self.blend, device=output_device)
                 scores = softmax_in_slabs(logits.float())
                 scores = scores.flip(dims) if dims else scores
                 probabilities = scores if probabilities is None else probabilities.add_(scores)
@@ -133,6 +137,9 @@ class Segmenter:
                     message = "GPU out of memory: continuing on the CPU"
                 logger.warning("%s (model %s)", message, self.card.id)
                 progress(0.0, message)
+            finally:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()  # a finished, failed or cancelled run gives its GPU memory back
 
     def segment(self, image: sitk.Image, progress: ProgressCallback = no_progress,
                 cancel: CancelToken | None = None) -> sitk.Image:

@@ -78,6 +78,15 @@ def make_huge_spacing(folder: Path) -> Path:
     return path
 
 
+def make_larger_than_memory(folder: Path) -> Path:
+    """A MetaImage header claiming 10^13 int16 voxels (20 TB) over a 1 kB data file."""
+    (folder / "huge.raw").write_bytes(bytes(1000))
+    path = folder / "huge.mha"
+    path.write_text("ObjectType = Image\nNDims = 3\nDimSize = 100000 100000 1000\nElementType = MET_SHORT\n"
+                    "ElementSpacing = 1 1 1\nElementDataFile = huge.raw\n", encoding="utf-8")
+    return path
+
+
 BAD_INPUTS = {
     "2D image": (make_2d, "2D image"),
     "4D image": (make_4d, "4D image"),
@@ -88,6 +97,7 @@ BAD_INPUTS = {
     "NaN volume": (make_nan, "no finite values"),
     "colour image": (make_rgb, "components per voxel"),
     "absurd spacing": (make_huge_spacing, "check the spacing in its header"),
+    "larger than memory": (make_larger_than_memory, "GiB is available"),
 }
 
 
