@@ -11,7 +11,7 @@ from .errors import ModelCardError
 
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "model.safetensors"
-INTENSITY_METHODS = ("zscore", "ct_window", "percentile")
+INTENSITY_METHODS = ("zscore", "ct_window", "percentile", "auto")
 
 
 @dataclass
@@ -28,7 +28,8 @@ class Label:
 @dataclass
 class Intensity:
     """How raw voxel values become network input: per-volume z-score (MRI), a fixed window scaled to [0, 1]
-    (CT, in HU), or robust percentile scaling to [0, 1]."""
+    (CT, in HU), robust percentile scaling to [0, 1], or ``auto``: the window for CT in HU, else percentiles
+    (models pre-trained on CT and MRI)."""
 
     method: str
     window: list[float] | None = None

@@ -9,15 +9,25 @@ import torch
 from .geometry import ModelGrid, resize
 from .model_card import Intensity
 
+HU_WINDOW = (-1000.0, 1000.0)  # the "auto" method's CT window
+HU_AIR_BELOW = -500.0  # a volume with values this low is CT in Hounsfield units (air is -1000 HU, MRI is >= 0)
+
 
 def normalize_intensity(volume: np.ndarray, intensity: Intensity) -> np.ndarray:
-    """Return a float32 copy of ``volume`` normalised as the card says; non-finite voxels become the minimum."""
+    """Return a float32 copy of ``volume`` normalised as the card says; non-finite voxels become the minimum.
+
+    ``auto`` (pre-trained models, which see CT and MRI) windows CT in Hounsfield units and percentile-scales the
+    rest, both to [0, 1]: the same input whether a model is pre-trained, fine-tuned or run.
+    """
     volume = np.asarray(volume, dtype=np.float32).copy()
     replace_non_finite(volume)
-    if intensity.method == "ct_window":
-        low, high = intensity.window
+    method = intensity.method
+    if method == "auto":
+        method = "ct_window" if volume.min() <= HU_AIR_BELOW else "percentile"
+    if method == "ct_window":
+        low, high = intensity.window or HU_WINDOW
         return (np.clip(volume, low, high) - low) / float(high - low)
-    if intensity.method == "percentile":
+    if method == "percentile":
         low, high = np.percentile(volume, intensity.percentiles or (0.5, 99.5))
         return (np.clip(volume, low, high) - low) / float(max(high - low, 1e-6))
     mean, std = float(volume.mean()), float(volume.std())

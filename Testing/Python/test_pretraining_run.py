@@ -17,7 +17,8 @@ from conftest import REPO, SAMPLE_IMAGE, SAMPLE_LABEL
 from hybridmim.errors import HybridMIMError, ModelCardError
 from hybridmim.finetune import fine_tune, settings_from
 from hybridmim.model_store import load_model, read_weights
-from hybridmim_training.pretraining.data import StepCrops, cached_volume, normalise, sources_from_folder
+from hybridmim.preprocessing import normalize_intensity
+from hybridmim_training.pretraining.data import StepCrops, cached_volume, intensity_of, sources_from_folder
 from hybridmim_training.pretraining.pretrain import pretrain
 
 SMALL_VOLUMES = [("unlabeled/ct/head_ct_slicer_testing.nrrd", "ct"), ("unlabeled/mri/spine_t2_sct.nii.gz", "mri"),
@@ -50,6 +51,10 @@ def tiny_config(volumes, steps: int, **pretraining) -> dict:
 
 
 def test_ct_in_hounsfield_units_is_windowed_and_mri_is_scaled_robustly():
+    """The rule pre-training applies, and the exported card's "auto" intensity applies again at fine-tuning."""
+    def normalise(volume, modality):
+        return normalize_intensity(volume, intensity_of(modality))
+
     ct = np.array([-3000.0, -1000.0, 0.0, 1000.0, 3000.0])
     assert normalise(ct, "CT").tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
     mri = np.linspace(0, 1000, 1001)
@@ -57,6 +62,7 @@ def test_ct_in_hounsfield_units_is_windowed_and_mri_is_scaled_robustly():
     assert scaled.min() == 0.0 and scaled.max() == 1.0 and abs(scaled[500] - 0.5) < 1e-3
     eight_bit_ct = np.linspace(0, 255, 256)  # not in HU: scaled like MRI
     assert normalise(eight_bit_ct, "CT").max() == 1.0
+    assert np.array_equal(normalise(mri - 2000, "MRI"), scaled)  # MRI is never windowed
 
 
 def test_crops_depend_on_seed_rank_and_step_only(volumes, tmp_path):

@@ -16,8 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from hybridmim.geometry import image_to_canonical, model_grid, resize
+from hybridmim.geometry import model_grid
 from hybridmim.imageio import read_volume
+from hybridmim.model_card import Intensity
+from hybridmim.preprocessing import HU_WINDOW, model_input
 from hybridmim.sampling import padded_crop, random_start
 
 from ..datalist import read_datalist
@@ -25,8 +27,7 @@ from ..datalist import read_datalist
 logger = logging.getLogger(__name__)
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-CACHE_VERSION = 1
-HU_WINDOW = (-1000.0, 1000.0)
+CACHE_VERSION = 2  # 2: resampled before normalisation, by the engine's model_input
 
 
 @dataclass(frozen=True)
@@ -57,15 +58,10 @@ def sources_from_folder(folder: Path, modality: str) -> list[Source]:
     return [Source(p, modality.upper()) for p in files]
 
 
-def normalise(volume: np.ndarray, modality: str) -> np.ndarray:
-    """CT in Hounsfield units: window [-1000, 1000] HU to [0, 1]. MRI, and CT not in HU (e.g. 8-bit): robust
-    per-volume scaling, 0.5th-99.5th percentile to [0, 1]."""
-    volume = np.nan_to_num(volume.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    if modality == "CT" and volume.min() <= -500:
-        low, high = HU_WINDOW
-    else:
-        low, high = (float(v) for v in np.percentile(volume, (0.5, 99.5)))
-    return np.clip((volume - low) / max(high - low, 1e-6), 0.0, 1.0)
+def intensity_of(modality: str) -> Intensity:
+    """CT sources: the HU window when in Hounsfield units, else percentiles ("auto", which the exported card
+    keeps for fine-tuning); MRI: always percentiles, 0.5th-99.5th to [0, 1]."""
+    return Intensity("auto" if modality == "CT" else "percentile", list(HU_WINDOW), [0.5, 99.5])
 
 
 def cached_volume(source: Source, spacing: list[float], cache_dir: Path) -> Path:
@@ -78,8 +74,7 @@ def cached_volume(source: Source, spacing: list[float], cache_dir: Path) -> Path
         return path
     image = read_volume(source.path)
     grid = model_grid(image, spacing)
-    volume = normalise(image_to_canonical(image, grid), source.modality)
-    volume = resize(torch.from_numpy(volume)[None], grid.model_shape)[0].numpy().astype(np.float16)
+    volume = model_input(image, grid, intensity_of(source.modality))[0].astype(np.float16)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(suffix=".npy", dir=path.parent)
     with os.fdopen(handle, "wb") as stream:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from hybridmim.model_card import WEIGHTS_FILE, ModelCard
 from hybridmim.model_store import save_model
+from hybridmim.preprocessing import HU_WINDOW
 from hybridmim.trainer import warmup_cosine
 
 from ..datalist import seeded_split
@@ -215,15 +216,13 @@ def export(module: HybridMIMModel, config: dict, settings: dict, sources: list[S
         "id": config["id"], "version": config.get("version", "1.0.0"), "name": config.get("name", config["id"]),
         "description": config.get("description", "HybridMIM-pretrained encoder and decoder (no segmentation head)."),
         "architecture": config["architecture"], "modality": "+".join(modalities), "task": "pretrained",
-        "intensity": {"method": "percentile", "percentiles": [0.5, 99.5]},
+        "intensity": {"method": "auto", "window": list(HU_WINDOW), "percentiles": [0.5, 99.5]},
         "target_spacing": config.get("target_spacing"), "patch_size": [module.crop_size] * 3, "labels": [],
         "licence": config.get("licence", "See the pre-training data's licences in 'training'."),
         "weights": {"file": WEIGHTS_FILE, "sha256": ""},
         "training": {"method": "HybridMIM self-supervised pre-training", "steps": settings["steps"],
                      "volumes": len(sources), "modalities": modalities, "settings": settings,
                      "data": config["data"], "final_losses": final, "time_seconds": round(seconds),
-                     "intensity_note": "CT in HU: window [-1000, 1000] to [0, 1]; MRI and non-HU CT: 0.5-99.5th "
-                                       "percentile to [0, 1]",
                      "segmentation_head": "none (pretext heads and reconstruction output dropped)"},
     })
     return save_model(folder, module.backbone_state_without_head(), card)
