@@ -34,7 +34,7 @@ def read_volume(path: str | os.PathLike) -> sitk.Image:
             raise InputImageError(f"Input file is empty: {path}")
         if path.name.lower().endswith((".nii", ".nii.gz")):
             _check_nifti_complete(path)
-        _check_fits_in_memory(path)
+        _check_fits_in_memory(path, _header(path))
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as error:
@@ -63,22 +63,30 @@ def available_memory() -> int | None:
         return None
 
 
-def _check_fits_in_memory(path: Path) -> None:
-    """Refuse, from the header alone, a volume whose voxels and working copies cannot fit in memory: reading it
-    would otherwise end in the system killing the process (Slicer included) instead of an error."""
+def _header(path: Path) -> sitk.ImageFileReader | None:
+    """A reader with the file's header read (size, voxel type), or None when it has no readable header."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError:
-        return  # not readable as a single file; ReadImage reports why
-    voxels = int(np.prod(reader.GetSize(), dtype=np.float64))
-    component = np.dtype(sitk.GetArrayViewFromImage(sitk.Image([1] * reader.GetDimension(),
-                                                                  reader.GetPixelID())).dtype).itemsize
-    needed = voxels * (component * reader.GetNumberOfComponents() + BYTES_PER_VOXEL_AFTER_READING)
+        return None
+    return reader
+
+
+def _check_fits_in_memory(path: Path, header: sitk.ImageFileReader | None, slices: int = 1) -> None:
+    """Refuse, from the header alone, a volume whose voxels and working copies cannot fit in memory: reading it
+    would otherwise end in the system killing the process (Slicer included) instead of an error. ``slices``:
+    the number of files of a DICOM series whose first file ``header`` is."""
+    if header is None:
+        return  # ReadImage reports why the file cannot be read
+    voxels = int(np.prod(header.GetSize(), dtype=np.float64)) * slices
+    component = np.dtype(sitk.GetArrayViewFromImage(sitk.Image([1] * header.GetDimension(),
+                                                                  header.GetPixelID())).dtype).itemsize
+    needed = voxels * (component * header.GetNumberOfComponents() + BYTES_PER_VOXEL_AFTER_READING)
     available = available_memory()
     if available is not None and needed > available:
-        size = "x".join(str(n) for n in reader.GetSize())
+        size = "x".join(str(n) for n in header.GetSize()) + (f" x {slices} files" if slices > 1 else "")
         raise InputImageError(f"{path} is {size} voxels: segmenting it needs about {needed / 2**30:.1f} GiB of "
                               f"memory and {available / 2**30:.1f} GiB is available")
 
@@ -125,6 +133,7 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
     if not series:
         raise InputImageError(f"No DICOM series found in folder {folder}")
     files = max((reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series), key=len)
+    _check_fits_in_memory(folder, _header(Path(files[0])), slices=len(files))
     reader.SetFileNames(files)
     try:
         return reader.Execute()

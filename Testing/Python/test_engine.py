@@ -10,7 +10,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import BUNDLED_MODEL, SAMPLE_IMAGE
-from hybridmim.errors import Cancelled, ChecksumError, ModelCardError
+from hybridmim.errors import Cancelled, ChecksumError, InputImageError, ModelCardError
 from hybridmim.imageio import read_volume
 from hybridmim.inference import Segmenter, segment_file, window_count
 from hybridmim.model_card import ModelCard
@@ -49,6 +49,21 @@ def test_dicom_series_folder_is_read_with_its_geometry(tmp_path):
     labels = sitk.ReadImage(str(output))
     assert labels.GetSize() == sample.GetSize()
     assert set(np.unique(sitk.GetArrayFromImage(labels))) == {0, 1, 2}
+
+
+def test_volume_larger_than_the_available_memory_is_refused_before_reading(tmp_path, monkeypatch):
+    """Files and DICOM series alike: judged from the header, so the reader never starts allocating."""
+    import hybridmim.imageio as imageio
+
+    sample = read_volume(SAMPLE_IMAGE)
+    write_dicom_series(sample, tmp_path)
+    voxels = int(np.prod(sample.GetSize()))
+    monkeypatch.setattr(imageio, "available_memory", lambda: voxels * 4)  # less than the voxels plus working copies
+    for source in (tmp_path, SAMPLE_IMAGE):
+        with pytest.raises(InputImageError, match="GiB is available"):
+            read_volume(source)
+    monkeypatch.setattr(imageio, "available_memory", lambda: voxels * 16)
+    assert read_volume(tmp_path).GetSize() == read_volume(SAMPLE_IMAGE).GetSize() == sample.GetSize()
 
 
 def test_folder_without_dicom_is_an_input_error(tmp_path):
