@@ -15,6 +15,11 @@ when already there, so an interrupted benchmark continues where it stopped.
     python Testing/Benchmarks/benchmark_finetuning.py --output runs/finetune-benchmark [--plan standard interactive]
         [--subsets 8 4 16] [--interactive 3 1 5] [--seeds 0 1 2] [--steps 600] [--minutes 2] [--pretrained FOLDER]
     python Testing/Benchmarks/benchmark_finetuning.py --output runs/finetune-benchmark --report
+
+Equal-minutes runs are only fair on a machine running nothing else: each row records the load average when its
+training ended. ``--move-busy`` (while the benchmark is not running) sets aside the equal-minutes rows whose load
+was above ``--quiet-load`` so the next run repeats them; ``--budgets steps`` runs only the equal-steps runs, which
+any load leaves valid (their Dice; their seconds are reported from quiet runs only).
 """
 
 from __future__ import annotations
@@ -138,8 +143,21 @@ def execute(run: dict, data: Path, output: Path, validation: list[str]) -> dict:
             "unlabeled_dice": on_unlabeled["dice_mean"]["mean"]}
 
 
-def report(output: Path) -> None:
-    """Markdown tables: mean +- sd over seeds of validation and unlabelled-volume Dice, steps and seconds."""
+def move_busy(output: Path, quiet_load: float) -> None:
+    """Move equal-minutes runs that shared the CPU (load above ``quiet_load`` when training ended: fewer steps in
+    their minutes) to contended.jsonl, so the next run of this script does them again. Not while it runs."""
+    lines = (output / "results.jsonl").read_text(encoding="utf-8").splitlines()
+    rows = [json.loads(line) for line in lines]
+    busy = [line for line, row in zip(lines, rows) if row["budget"][0] == "minutes" and row["load"] > quiet_load]
+    with open(output / "contended.jsonl", "a", encoding="utf-8") as stream:
+        stream.writelines(line + "\n" for line in busy)
+    (output / "results.jsonl").write_text("".join(line + "\n" for line in lines if line not in busy), encoding="utf-8")
+    print(f"moved {len(busy)} equal-minutes runs with load > {quiet_load} to contended.jsonl")
+
+
+def report(output: Path, quiet_load: float) -> None:
+    """Markdown tables: mean +- sd over seeds of validation and unlabelled-volume Dice, steps, and seconds (from
+    the runs that had the CPU to themselves only)."""
     rows = [json.loads(line) for line in (output / "results.jsonl").read_text(encoding="utf-8").splitlines()]
     groups = defaultdict(list)
     for row in rows:
@@ -150,6 +168,10 @@ def report(output: Path) -> None:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{100 * statistics.mean(values):.1f} ± {100 * sd:.1f}"
 
+    def seconds(members: list[dict]) -> str:
+        quiet = [m["seconds"] for m in members if m["load"] <= quiet_load]
+        return f"{round(statistics.mean(quiet))}" if quiet else "(busy CPU)"
+
     print("| plan | start | labelled | budget | method | seeds | validation Dice % | unlabelled Dice % "
           "| steps | seconds |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -158,8 +180,7 @@ def report(output: Path) -> None:
         print(f"| {plan} | {start} | {labeled} | {budget} | {method} | {len(members)} "
               f"| {spread([m['validation_dice'] for m in members])} "
               f"| {spread([m['unlabeled_dice'] for m in members])} "
-              f"| {round(statistics.mean(m['steps'] for m in members))} "
-              f"| {round(statistics.mean(m['seconds'] for m in members))} |")
+              f"| {round(statistics.mean(m['steps'] for m in members))} | {seconds(members)} |")
     print(f"\nhardware: {sorted({row['hardware'] for row in rows})}; CPU load at the end of training: "
           f"{min(row['load'] for row in rows):.1f} to {max(row['load'] for row in rows):.1f}")
 
@@ -179,9 +200,13 @@ def main() -> int:
                              "equal-minutes runs do not)")
     parser.add_argument("--pretrained", help="HybridMIM-pretrained model folder (adds the pretrained start)")
     parser.add_argument("--report", action="store_true", help="print the tables of the runs done so far")
+    parser.add_argument("--move-busy", action="store_true",
+                        help="move equal-minutes runs that shared the CPU to contended.jsonl (to be run again)")
+    parser.add_argument("--quiet-load", type=float, default=(os.cpu_count() or 1) + 0.3,
+                        help="1-minute load average above which a run shared the CPU (default: CPUs + 0.3)")
     args = parser.parse_args()
-    if args.report:
-        report(args.output)
+    if args.report or args.move_busy:
+        (move_busy if args.move_busy else report)(args.output, args.quiet_load)
         return 0
     logging.basicConfig(level=logging.WARNING)
     args.output.mkdir(parents=True, exist_ok=True)
