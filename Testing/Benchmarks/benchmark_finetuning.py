@@ -143,12 +143,13 @@ def execute(run: dict, data: Path, output: Path, validation: list[str]) -> dict:
             "unlabeled_dice": on_unlabeled["dice_mean"]["mean"]}
 
 
-def move_busy(output: Path, quiet_load: float) -> None:
+def move_busy(output: Path, quiet_load: float, plans: list[str]) -> None:
     """Move equal-minutes runs that shared the CPU (load above ``quiet_load`` when training ended: fewer steps in
     their minutes) to contended.jsonl, so the next run of this script does them again. Not while it runs."""
     lines = (output / "results.jsonl").read_text(encoding="utf-8").splitlines()
     rows = [json.loads(line) for line in lines]
-    busy = [line for line, row in zip(lines, rows) if row["budget"][0] == "minutes" and row["load"] > quiet_load]
+    busy = [line for line, row in zip(lines, rows)
+            if row["plan"] in plans and row["budget"][0] == "minutes" and row["load"] > quiet_load]
     with open(output / "contended.jsonl", "a", encoding="utf-8") as stream:
         stream.writelines(line + "\n" for line in busy)
     (output / "results.jsonl").write_text("".join(line + "\n" for line in lines if line not in busy), encoding="utf-8")
@@ -205,8 +206,11 @@ def main() -> int:
     parser.add_argument("--quiet-load", type=float, default=(os.cpu_count() or 1) + 0.3,
                         help="1-minute load average above which a run shared the CPU (default: CPUs + 0.3)")
     args = parser.parse_args()
-    if args.report or args.move_busy:
-        (move_busy if args.move_busy else report)(args.output, args.quiet_load)
+    if args.move_busy:
+        move_busy(args.output, args.quiet_load, args.plan)
+        return 0
+    if args.report:
+        report(args.output, args.quiet_load)
         return 0
     logging.basicConfig(level=logging.WARNING)
     args.output.mkdir(parents=True, exist_ok=True)
