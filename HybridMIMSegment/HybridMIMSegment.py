@@ -204,6 +204,8 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for model in self.logic.models():
             card = model.card
             origin = _("bundled") if model.bundled else _("user")
+            if card.task == "pretrained":
+                origin += ", " + _("pre-trained only: fine-tune it first")
             self.ui.modelSelector.addItem(f"{card.name} — v{card.version} ({origin})", str(model.path))
             self.ui.modelSelector.setItemData(self.ui.modelSelector.count - 1, modelSummary(card), qt.Qt.ToolTipRole)
         self.ui.modelSelector.blockSignals(False)
@@ -456,9 +458,10 @@ def modelSummary(card) -> str:
     parent = (card.training or {}).get("parent")
     origin = _("Fine-tuned from {id} {version}").format(id=parent.get("id"), version=parent.get("version")) + "\n" \
         if parent else ""
-    return (f"{card.name}\n{origin}{_('Modality')}: {card.modality}; {_('structures')}: "
-            f"{', '.join(label.name for label in card.labels)}\n{_('Validation Dice')}: {diceText}\n"
-            f"{_('Licence')}: {card.licence}\n{card.intended_use}")
+    structures = ", ".join(label.name for label in card.labels) if card.task == "segmentation" else \
+        _("none (pre-trained encoder and decoder: fine-tune it on a few labelled volumes first)")
+    return (f"{card.name}\n{origin}{_('Modality')}: {card.modality}; {_('structures')}: {structures}\n"
+            f"{_('Validation Dice')}: {diceText}\n{_('Licence')}: {card.licence}\n{card.intended_use}")
 
 
 #

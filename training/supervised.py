@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from .report import write_report
 
 logger = logging.getLogger(__name__)
 
+HALF_DICE_TOLERANCE = 0.001
 DEFAULT_TRAINING = {"steps": 2000, "learning_rate": 2e-3, "warmup_steps": 100, "validation_fraction": 0.2}
 
 
@@ -82,6 +84,26 @@ def train_supervised(config: dict[str, Any], dataset_json: Path, output: Path, d
     card.metrics = {
         "split": f"validation: {len(validation_paths)} cases held out from training (seed {train_settings.seed})",
         "validation_cases": [c.name for c in validation_paths],
-        "dice": report["dice_mean"],
+        "dice": report["dice_mean"], "hd95_mm": report["hd95_mean_mm"],
+        "per_case": "evaluation.csv of the training run (Dice and HD95 per validation case)",
     }
+    if settings.get("storage") == "float16":
+        return _save_half_if_dice_unchanged(output, network.cpu(), card, report, validation_paths, target)
     return save_model(output, network.cpu(), card)
+
+
+def _save_half_if_dice_unchanged(output: Path, network, card: ModelCard, report: dict, validation_paths,
+                                 target) -> Path:
+    """Store the weights as fp16 (half the download) only when the validation Dice of the stored weights matches
+    the fp32 network's to 0.001 per structure; otherwise keep fp32. The card says which, with both figures."""
+    folder = save_model(output, network, card, half=True)
+    half_report = evaluate(Segmenter(folder, device=target.type), validation_paths)
+    worst = max(abs(half_report["dice_mean"][k] - v) for k, v in report["dice_mean"].items())
+    card.training["storage"] = {"float32_dice": report["dice_mean"], "float16_dice": half_report["dice_mean"],
+                                "largest_difference": round(worst, 5)}
+    shutil.rmtree(folder)
+    if worst > HALF_DICE_TOLERANCE:
+        logger.warning("fp16 weights change validation Dice by %.4f: storing fp32", worst)
+        return save_model(output, network, card)
+    card.metrics.update(dice=half_report["dice_mean"], hd95_mm=half_report["hd95_mean_mm"])  # of what ships
+    return save_model(output, network, card, half=True)

@@ -109,12 +109,19 @@ def _models(args: argparse.Namespace) -> int:
         print("No models found.")
     for model in models:
         card = model.card
-        dice = card.metrics.get("dice", {})
+        dice, hd95 = card.metrics.get("dice", {}), card.metrics.get("hd95_mm", {})
         print(f"{card.id} {card.version} ({'bundled' if model.bundled else 'user'}): {card.name}")
-        print(f"  modality {card.modality}; structures: {', '.join(card.label_names().values())}")
+        if card.task == "pretrained":
+            print(f"  pre-trained only (no segmentation head): fine-tune it first; modality {card.modality}")
+        else:
+            print(f"  modality {card.modality}; structures: {', '.join(card.label_names().values())}")
         print(f"  network {card.architecture['name']}; patch {card.patch_size}; spacing {card.target_spacing}")
         if dice:
             print(f"  Dice {', '.join(f'{k} {v:.3f}' for k, v in dice.items())} ({card.metrics.get('split', '')})")
+        if hd95:
+            print(f"  HD95 mm {', '.join(f'{k} {v:.2f}' for k, v in hd95.items())}")
+        if "initialisation" in card.training:
+            print(f"  initialisation: {card.training['initialisation']}")
         print(f"  licence: {card.licence}")
         print(f"  {card.intended_use}")
         print(f"  folder: {model.path}")

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from conftest import REPO
 from hybridmim.cases import load_case
@@ -76,13 +77,24 @@ def test_volume_smaller_than_patch_lands_at_random_places(shared_data):
 def test_supervised_training_writes_loadable_model_with_card(shared_data, tmp_path):
     config = json.loads((REPO / "training" / "configs" / "hippocampus_cnn.json").read_text(encoding="utf-8"))
     config["card"]["architecture"]["args"] = {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}
-    config["training"].update(steps=40, batch_size=2, warmup_steps=5, validation_fraction=0.3)
+    config["training"].update(steps=40, batch_size=2, warmup_steps=5, validation_fraction=0.3, storage="float16")
     output = train_supervised(config, small_dataset(shared_data, tmp_path), tmp_path / "model", device="cpu",
                               log_dir=tmp_path)
     card = ModelCard.load(output)
     assert card.training["steps"] == 40 and card.training["train_cases"] == 7
     assert len(card.metrics["validation_cases"]) == 3
     assert 0 <= card.metrics["dice"]["mean"] <= 1
+    assert set(card.metrics["hd95_mm"]) == {"anterior hippocampus", "posterior hippocampus"}
+    # fp16 storage only when the stored weights give the fp32 network's validation Dice (to 0.001)
+    storage = card.training["storage"]
+    assert set(storage["float16_dice"]) == set(storage["float32_dice"]) == set(card.metrics["dice"])
+    half = storage["largest_difference"] <= 0.001
+    assert card.weights["dtype"] == ("float16" if half else "float32")
+    assert card.metrics["dice"] == (storage["float16_dice"] if half else storage["float32_dice"])
+    with safe_open(str(output / "model.safetensors"), "pt") as weights:
+        dtypes = {weights.get_tensor(name).dtype for name in weights.keys()}  # noqa: SIM118 (safe_open has no iter)
+    dtypes = {dtype for dtype in dtypes if dtype.is_floating_point}
+    assert dtypes == ({torch.float16} if half else {torch.float32})
     log = (tmp_path / "train_log.jsonl").read_text(encoding="utf-8")
     losses = [json.loads(line)["loss"] for line in log.splitlines()]
     assert np.mean(losses[-2:]) < losses[0]
