@@ -3,8 +3,10 @@ BCP, at equal steps and at equal minutes, over seeds, through the engine's own `
 
 Plans:
 - ``standard``: the literature's 4-, 8- and 16-labelled subsets; every other case of the 80 is unlabelled, except
-  a validation split held out from all of them. Starts from random initialisation (a fresh network per seed) and,
-  with ``--pretrained FOLDER``, from HybridMIM-pretrained weights too.
+  a validation split held out from all of them. Starts from random initialisation (a fresh network per seed, the
+  ``RANDOM_START`` CNN) and, with ``--pretrained FOLDER``, from HybridMIM-pretrained weights and from a fresh
+  network of the pretrained model's own architecture and preprocessing (``scratch:``), so that comparison
+  differs only in the starting weights.
 - ``interactive``: the product's use: 1, 3 or 5 labelled volumes and 10 unlabelled ones, starting from the bundled
   model of another structure (hippocampus-cnn: a new output layer is made), at the minutes budget only.
 
@@ -14,6 +16,7 @@ when already there, so an interrupted benchmark continues where it stopped.
 
     python Testing/Benchmarks/benchmark_finetuning.py --output runs/finetune-benchmark [--plan standard interactive]
         [--subsets 8 4 16] [--interactive 3 1 5] [--seeds 0 1 2] [--steps 600] [--minutes 2] [--pretrained FOLDER]
+        [--methods supervised mean-teacher bcp]
     python Testing/Benchmarks/benchmark_finetuning.py --output runs/finetune-benchmark --report
 
 Equal-minutes runs are only fair on a machine running nothing else: each row records the load average when its
@@ -40,6 +43,10 @@ REPO = Path(__file__).resolve().parents[2]
 VALIDATION_CASES = 12
 EVALUATED_UNLABELED = 10
 METHODS = ("supervised", "mean-teacher", "bcp")
+# The random start of the recorded standard-plan runs: la_cnn.json's labels with this network and preprocessing.
+RANDOM_START = {"architecture": {"name": "unet", "args": {"channels": [16, 32, 64, 128, 256],
+                                                         "strides": [2, 2, 2, 2], "num_res_units": 2}},
+                "intensity": {"method": "zscore"}, "target_spacing": [1.0, 1.0, 1.0], "patch_size": [64, 64, 48]}
 
 
 def split(data: Path) -> dict:
@@ -60,7 +67,7 @@ def split(data: Path) -> dict:
 def runs(args: argparse.Namespace, cases: dict) -> list[dict]:
     """Every run of the requested plans, most informative first."""
     planned = []
-    starts = ["random"] + ([f"pretrained:{args.pretrained}"] if args.pretrained else [])
+    starts = ["random"] + ([f"pretrained:{args.pretrained}", f"scratch:{args.pretrained}"] if args.pretrained else [])
     if "standard" in args.plan:
         for count in args.subsets:
             labeled = cases["subsets"][count]
@@ -69,7 +76,7 @@ def runs(args: argparse.Namespace, cases: dict) -> list[dict]:
                 for seed in args.seeds:
                     for budget in [b for b in (("steps", args.steps), ("minutes", args.minutes))
                                    if b[0] in args.budgets]:
-                        for method in METHODS:
+                        for method in args.methods:
                             planned.append({"plan": "standard", "start": start, "labeled": labeled,
                                             "unlabeled": unlabeled, "method": method, "budget": budget,
                                             "seed": seed})
@@ -77,7 +84,7 @@ def runs(args: argparse.Namespace, cases: dict) -> list[dict]:
         for count in args.interactive:
             labeled = cases["subsets"][8][:count]
             for seed in args.seeds:
-                for method in METHODS:
+                for method in args.methods:
                     planned.append({"plan": "interactive", "start": "hippocampus-cnn", "labeled": labeled,
                                     "unlabeled": cases["interactive_unlabeled"], "method": method,
                                     "budget": ("minutes", args.minutes), "seed": seed})
@@ -97,14 +104,19 @@ def start_model(run: dict, output: Path) -> tuple[str, list[str] | None]:
 
     if run["start"] == "hippocampus-cnn":
         return "hippocampus-cnn", ["left atrium"]
-    if run["start"].startswith("pretrained:"):
-        return run["start"].split(":", 1)[1], ["left atrium"]
-    folder = output / "starts" / f"random-seed{run['seed']}"
+    kind, _, pretrained = run["start"].partition(":")
+    if kind == "pretrained":
+        return pretrained, ["left atrium"]
+    folder = output / "starts" / (f"random-seed{run['seed']}" if kind == "random"
+                                  else f"scratch-{Path(pretrained).name}-seed{run['seed']}")
     if not folder.exists():
         import torch
 
         config = json.loads((REPO / "training" / "configs" / "la_cnn.json").read_text(encoding="utf-8"))
-        card = ModelCard.from_dict({**config["card"], "weights": {"file": WEIGHTS_FILE, "sha256": ""}})
+        own = RANDOM_START if kind == "random" else {
+            key: value for key, value in json.loads((Path(pretrained) / "card.json").read_text(encoding="utf-8"))
+            .items() if key in RANDOM_START}
+        card = ModelCard.from_dict({**config["card"], **own, "weights": {"file": WEIGHTS_FILE, "sha256": ""}})
         card.training = {"initialisation": f"random (torch seed {run['seed']})"}
         torch.manual_seed(run["seed"])
         network = build_network(card.architecture["name"], 1, card.out_channels, **card.architecture["args"])
@@ -200,6 +212,7 @@ def main() -> int:
                         help="standard plan: which budgets to run (equal-steps runs tolerate a busy machine, "
                              "equal-minutes runs do not)")
     parser.add_argument("--pretrained", help="HybridMIM-pretrained model folder (adds the pretrained start)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--report", action="store_true", help="print the tables of the runs done so far")
     parser.add_argument("--move-busy", action="store_true",
                         help="move equal-minutes runs that shared the CPU to contended.jsonl (to be run again)")

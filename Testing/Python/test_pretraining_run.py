@@ -78,7 +78,7 @@ def test_crops_depend_on_seed_rank_and_step_only(volumes, tmp_path):
 
 
 def test_loss_falls_on_real_volumes_and_export_has_no_head(volumes, tmp_path):
-    folder = pretrain(tiny_config(volumes, 30), tmp_path / "run", device="cpu")
+    folder = pretrain({**tiny_config(volumes, 30), "fine_tuning_patch": [32, 32, 16]}, tmp_path / "run", device="cpu")
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text(encoding="utf-8").splitlines()]
     totals = [entry["total"] for entry in log if "total" in entry]
     assert len(totals) == 30 and np.mean(totals[-5:]) < 0.8 * np.mean(totals[:5])
@@ -88,6 +88,7 @@ def test_loss_falls_on_real_volumes_and_export_has_no_head(volumes, tmp_path):
 
     _, card, state = read_weights(folder)
     assert card.task == "pretrained" and card.labels == [] and card.training["steps"] == 30
+    assert card.patch_size == [32, 32, 16]  # the fine-tuning patch the config asked for, not the 48^3 crop
     assert set(card.training["modalities"]) == {"CT", "MRI"}
     assert not any(name.startswith("final_conv.") for name in state)
     with pytest.raises(ModelCardError, match="pre-trained only"):

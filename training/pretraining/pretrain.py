@@ -217,7 +217,8 @@ def export(module: HybridMIMModel, config: dict, settings: dict, sources: list[S
         "description": config.get("description", "HybridMIM-pretrained encoder and decoder (no segmentation head)."),
         "architecture": config["architecture"], "modality": "+".join(modalities), "task": "pretrained",
         "intensity": {"method": "auto", "window": list(HU_WINDOW), "percentiles": [0.5, 99.5]},
-        "target_spacing": config.get("target_spacing"), "patch_size": [module.crop_size] * 3, "labels": [],
+        "target_spacing": config.get("target_spacing"), "labels": [],
+        "patch_size": config.get("fine_tuning_patch", [module.crop_size] * 3),  # smaller: cheaper fine-tuning
         "licence": config.get("licence", "See the pre-training data's licences in 'training'."),
         "weights": {"file": WEIGHTS_FILE, "sha256": ""},
         "training": {"method": "HybridMIM self-supervised pre-training", "steps": settings["steps"],
