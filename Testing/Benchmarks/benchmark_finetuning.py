@@ -16,7 +16,7 @@ when already there, so an interrupted benchmark continues where it stopped.
 
     python Testing/Benchmarks/benchmark_finetuning.py --output runs/finetune-benchmark [--plan standard interactive]
         [--subsets 8 4 16] [--interactive 3 1 5] [--seeds 0 1 2] [--steps 600] [--minutes 2] [--pretrained FOLDER]
-        [--methods supervised mean-teacher bcp]
+        [--starts random pretrained scratch] [--methods supervised mean-teacher bcp]
     python Testing/Benchmarks/benchmark_finetuning.py --output runs/finetune-benchmark --report
 
 Equal-minutes runs are only fair on a machine running nothing else: each row records the load average when its
@@ -67,7 +67,8 @@ def split(data: Path) -> dict:
 def runs(args: argparse.Namespace, cases: dict) -> list[dict]:
     """Every run of the requested plans, most informative first."""
     planned = []
-    starts = ["random"] + ([f"pretrained:{args.pretrained}", f"scratch:{args.pretrained}"] if args.pretrained else [])
+    starts = [start if start == "random" else f"{start}:{args.pretrained}" for start in args.starts
+              if start == "random" or args.pretrained]
     if "standard" in args.plan:
         for count in args.subsets:
             labeled = cases["subsets"][count]
@@ -212,6 +213,9 @@ def main() -> int:
                         help="standard plan: which budgets to run (equal-steps runs tolerate a busy machine, "
                              "equal-minutes runs do not)")
     parser.add_argument("--pretrained", help="HybridMIM-pretrained model folder (adds the pretrained start)")
+    parser.add_argument("--starts", nargs="+", default=["random", "pretrained", "scratch"],
+                        choices=["random", "pretrained", "scratch"],
+                        help="standard plan: which starts to run (pretrained and scratch need --pretrained)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--report", action="store_true", help="print the tables of the runs done so far")
     parser.add_argument("--move-busy", action="store_true",

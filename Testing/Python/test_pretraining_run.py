@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from conftest import REPO, SAMPLE_IMAGE, SAMPLE_LABEL
 from hybridmim.errors import HybridMIMError, ModelCardError
 from hybridmim.finetune import fine_tune, settings_from
+from hybridmim.model_card import ModelCard
 from hybridmim.model_store import load_model, read_weights
 from hybridmim.preprocessing import normalize_intensity
 from hybridmim_training.pretraining.data import StepCrops, cached_volume, intensity_of, sources_from_folder
@@ -101,9 +102,14 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_weights(volumes,
     assert pretrain(config, tmp_path / "interrupted", device="cpu", stop_after=4) is None
     assert json.loads((tmp_path / "interrupted" / "log.jsonl").read_text(encoding="utf-8").splitlines()[-1])[
         "step"] == 4
+    first_part = torch.load(tmp_path / "interrupted" / "checkpoint.pt", weights_only=True)["seconds"]
     resumed = pretrain(config, tmp_path / "interrupted", device="cpu", resume=True)
     a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the card's time counts the interrupted run's training too, not only the resumed part
+    total = torch.load(tmp_path / "interrupted" / "checkpoint.pt", weights_only=True)["seconds"]
+    assert total > first_part > 0
+    assert round(total) <= ModelCard.load(resumed).training["time_seconds"] <= round(total) + 1
 
 
 def test_two_processes_with_torchrun_train_and_save(volumes, tmp_path):

@@ -86,10 +86,10 @@ def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
     return rank, world, torch.device("cpu")
 
 
-def _save_checkpoint(path: Path, step: int, module, optimizer, scheduler) -> None:
+def _save_checkpoint(path: Path, step: int, module, optimizer, scheduler, seconds: float) -> None:
     staging = path.with_name(path.name + ".partial")
     torch.save({"step": step, "model": module.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict()}, staging)
+                "scheduler": scheduler.state_dict(), "seconds": seconds}, staging)
     os.replace(staging, path)
 
 
@@ -124,13 +124,13 @@ def pretrain(config: dict[str, Any], output: Path, device: str = "auto", resume:
                                   weight_decay=settings["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(settings["warmup_steps"],
                                                                            settings["steps"]))
-    step = 0
+    step, seconds_before = 0, 0.0  # seconds of training in earlier (interrupted) runs
     if resume and checkpoint_path.is_file():
         state = torch.load(checkpoint_path, map_location=target, weights_only=True)
         module.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        step = int(state["step"])
+        step, seconds_before = int(state["step"]), float(state.get("seconds", 0.0))
         logger.info("resumed at step %d", step)
 
     crops = StepCrops(train_cached, module.crop_size, settings["volumes_per_step"], settings["crops_per_volume"],
@@ -169,7 +169,8 @@ def pretrain(config: dict[str, Any], output: Path, device: str = "auto", resume:
         if rank == 0 and validation_cached and (step % settings["validate_every"] == 0 or step == settings["steps"]):
             _validate(module, validation_cached, settings, target, step, writer, log)
         if rank == 0 and (step % settings["save_every"] == 0 or step == last):
-            _save_checkpoint(checkpoint_path, step, module, optimizer, scheduler)
+            _save_checkpoint(checkpoint_path, step, module, optimizer, scheduler,
+                             seconds_before + time.time() - started)
     bar.close()
     if rank == 0:
         log.close()
@@ -179,7 +180,8 @@ def pretrain(config: dict[str, Any], output: Path, device: str = "auto", resume:
         dist.barrier()
     if rank != 0 or step < settings["steps"]:
         return None
-    return export(module, config, settings, train_sources, output / "model", time.time() - started, output)
+    return export(module, config, settings, train_sources, output / "model", seconds_before + time.time() - started,
+                  output)
 
 
 def _validate(module, cached, settings, target, step, writer, log) -> None:
