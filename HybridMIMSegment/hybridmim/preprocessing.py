@@ -25,13 +25,18 @@ def normalize_intensity(volume: np.ndarray, intensity: Intensity) -> np.ndarray:
     if method == "auto":
         method = "ct_window" if volume.min() <= HU_AIR_BELOW else "percentile"
     if method == "ct_window":
-        low, high = intensity.window or HU_WINDOW
-        return (np.clip(volume, low, high) - low) / float(high - low)
+        return _to_unit_range(volume, *(intensity.window or HU_WINDOW))
     if method == "percentile":
-        low, high = np.percentile(volume, intensity.percentiles or (0.5, 99.5))
-        return (np.clip(volume, low, high) - low) / float(max(high - low, 1e-6))
+        return _to_unit_range(volume, *np.percentile(volume, intensity.percentiles or (0.5, 99.5)))
     mean, std = float(volume.mean()), float(volume.std())
     return (volume - mean) / max(std, 1e-6)
+
+
+def _to_unit_range(volume: np.ndarray, low: float, high: float) -> np.ndarray:
+    """[low, high] -> [0, 1] in float32 (numpy float64 bounds would otherwise promote the volume to float64)."""
+    low, high = float(low), float(high)
+    scaled = (np.clip(volume, low, high) - low) / max(high - low, 1e-6)
+    return np.clip(scaled, 0.0, 1.0, out=scaled)
 
 
 def replace_non_finite(volume: np.ndarray) -> None:

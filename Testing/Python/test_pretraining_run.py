@@ -64,6 +64,8 @@ def test_ct_in_hounsfield_units_is_windowed_and_mri_is_scaled_robustly():
     eight_bit_ct = np.linspace(0, 255, 256)  # not in HU: scaled like MRI
     assert normalise(eight_bit_ct, "CT").max() == 1.0
     assert np.array_equal(normalise(mri - 2000, "MRI"), scaled)  # MRI is never windowed
+    # float32 out whatever the method (a float64 input would stop the network at inference)
+    assert {normalise(v.astype(np.int16), m).dtype for v, m in ((ct, "CT"), (mri, "MRI"))} == {np.dtype(np.float32)}
 
 
 def test_crops_depend_on_seed_rank_and_step_only(volumes, tmp_path):
@@ -90,6 +92,7 @@ def test_loss_falls_on_real_volumes_and_export_has_no_head(volumes, tmp_path):
     _, card, state = read_weights(folder)
     assert card.task == "pretrained" and card.labels == [] and card.training["steps"] == 30
     assert card.patch_size == [32, 32, 16]  # the fine-tuning patch the config asked for, not the 48^3 crop
+    assert card.training["hardware"].startswith("1 x CPU") and "hybridmim-train pretrain" in card.training["command"]
     assert set(card.training["modalities"]) == {"CT", "MRI"}
     assert not any(name.startswith("final_conv.") for name in state)
     with pytest.raises(ModelCardError, match="pre-trained only"):

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from hybridmim.model_card import WEIGHTS_FILE, ModelCard
 from hybridmim.model_store import save_model
 from hybridmim.preprocessing import HU_WINDOW
-from hybridmim.trainer import warmup_cosine
+from hybridmim.trainer import hardware_name, warmup_cosine
 
 from ..datalist import seeded_split
 from .data import Source, StepCrops, cached_volume, sources_from_datalist, sources_from_folder
@@ -224,6 +224,9 @@ def export(module: HybridMIMModel, config: dict, settings: dict, sources: list[S
         "licence": config.get("licence", "See the pre-training data's licences in 'training'."),
         "weights": {"file": WEIGHTS_FILE, "sha256": ""},
         "training": {"method": "HybridMIM self-supervised pre-training", "steps": settings["steps"],
+                     "hardware": f"{dist.get_world_size() if dist.is_initialized() else 1} x "
+                                 f"{hardware_name(next(module.parameters()).device)}",
+                     "command": config.get("command", "hybridmim-train pretrain --config <config>"),
                      "volumes": len(sources), "modalities": modalities, "settings": settings,
                      "data": config["data"], "final_losses": final, "time_seconds": round(seconds),
                      "segmentation_head": "none (pretext heads and reconstruction output dropped)"},
