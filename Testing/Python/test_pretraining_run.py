@@ -44,7 +44,7 @@ def tiny_config(volumes, steps: int, **pretraining) -> dict:
         "architecture": {"name": "basicunet", "args": {"features": [8, 8, 16, 16, 32, 8], "dropout": 0.1}},
         "patch_size": 8, "target_spacing": [2.0, 2.0, 2.0],
         "data": {"folders": [[str(volumes / "ct"), "CT"], [str(volumes / "mri"), "MRI"]],
-                 "validation_fraction": 0.2},
+                 "validation_fraction": 0.4},
         "pretraining": {"steps": steps, "volumes_per_step": 2, "crops_per_volume": 2, "learning_rate": 2e-3,
                         "warmup_steps": 3, "save_every": 4, "validate_every": 10, "log_every": 1, "workers": 0,
                         **pretraining},
@@ -94,6 +94,8 @@ def test_loss_falls_on_real_volumes_and_export_has_no_head(volumes, tmp_path):
     assert card.patch_size == [32, 32, 16]  # the fine-tuning patch the config asked for, not the 48^3 crop
     assert card.training["hardware"].startswith("1 x CPU") and "hybridmim-train pretrain" in card.training["command"]
     assert set(card.training["modalities"]) == {"CT", "MRI"}
+    # the data's own validation fraction (0.4 of 5 volumes; the default would hold out 1)
+    assert (card.training["volumes"], card.training["validation_volumes"]) == (3, 2)
     assert not any(name.startswith("final_conv.") for name in state)
     with pytest.raises(ModelCardError, match="pre-trained only"):
         load_model(folder)

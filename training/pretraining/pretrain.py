@@ -35,8 +35,9 @@ DEFAULTS: dict[str, Any] = {
     "steps": 1000, "volumes_per_step": 4, "crops_per_volume": 2, "mask_ratio": 0.4, "region": "random",
     "loss_weights": {"reconstruction": 1.0, "count": 0.1, "location": 0.1, "consistency": 0.01, "contrastive": 0.1},
     "temperature": 0.5, "learning_rate": 1e-4, "weight_decay": 1e-3, "warmup_steps": 500, "save_every": 500,
-    "validate_every": 500, "log_every": 10, "workers": 2, "seed": 0, "validation_fraction": 0.1,
+    "validate_every": 500, "log_every": 10, "workers": 2, "seed": 0,
 }
+VALIDATION_FRACTION = 0.1  # of the volumes, held out for the validation losses, unless "data" says otherwise
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -103,8 +104,9 @@ def pretrain(config: dict[str, Any], output: Path, device: str = "auto", resume:
     output = Path(output)
     checkpoint_path = output / CHECKPOINT
 
-    train_sources, validation_sources = seeded_split(collect_sources(config["data"]), lambda s: s.name,
-                                                     settings["validation_fraction"], settings["seed"])
+    fraction = config["data"].get("validation_fraction", VALIDATION_FRACTION)
+    train_sources, validation_sources = seeded_split(collect_sources(config["data"]), lambda s: s.name, fraction,
+                                                     settings["seed"])
     spacing = config.get("target_spacing")
     cache = Path(config.get("cache_dir", output / "cache"))
     if rank == 0:
@@ -180,8 +182,8 @@ def pretrain(config: dict[str, Any], output: Path, device: str = "auto", resume:
         dist.barrier()
     if rank != 0 or step < settings["steps"]:
         return None
-    return export(module, config, settings, train_sources, output / "model", seconds_before + time.time() - started,
-                  output)
+    return export(module, config, settings, train_sources, len(validation_sources), output / "model",
+                  seconds_before + time.time() - started, output)
 
 
 def _validate(module, cached, settings, target, step, writer, log) -> None:
@@ -208,8 +210,8 @@ def _tensorboard(output: Path):
     return SummaryWriter(str(output / "tensorboard"))
 
 
-def export(module: HybridMIMModel, config: dict, settings: dict, sources: list[Source], folder: Path,
-           seconds: float, output: Path) -> Path:
+def export(module: HybridMIMModel, config: dict, settings: dict, sources: list[Source], held_out: int,
+           folder: Path, seconds: float, output: Path) -> Path:
     """Encoder + decoder as an engine model folder; the pretext heads and the reconstruction output are dropped."""
     losses = [json.loads(line) for line in (output / "log.jsonl").read_text(encoding="utf-8").splitlines()]
     final = next((entry for entry in reversed(losses) if "total" in entry), {})
@@ -227,7 +229,8 @@ def export(module: HybridMIMModel, config: dict, settings: dict, sources: list[S
                      "hardware": f"{dist.get_world_size() if dist.is_initialized() else 1} x "
                                  f"{hardware_name(next(module.parameters()).device)}",
                      "command": config.get("command", "hybridmim-train pretrain --config <config>"),
-                     "volumes": len(sources), "modalities": modalities, "settings": settings,
+                     "volumes": len(sources), "validation_volumes": held_out, "modalities": modalities,
+                     "settings": settings,
                      "data": config["data"], "final_losses": final, "time_seconds": round(seconds),
                      "segmentation_head": "none (pretext heads and reconstruction output dropped)"},
     })
