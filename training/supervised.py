@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -96,12 +96,12 @@ def _save_half_if_dice_unchanged(output: Path, network, card: ModelCard, report:
                                  target) -> Path:
     """Store the weights as fp16 (half the download) only when the validation Dice of the stored weights matches
     the fp32 network's to 0.001 per structure; otherwise keep fp32. The card says which, with both figures."""
-    folder = save_model(output, network, card, half=True)
-    half_report = evaluate(Segmenter(folder, device=target.type), validation_paths)
+    with tempfile.TemporaryDirectory(prefix="fp16-trial-") as trial:  # never at ``output``: a kill leaves nothing
+        folder = save_model(Path(trial) / output.name, network, card, half=True)
+        half_report = evaluate(Segmenter(folder, device=target.type), validation_paths)
     worst = max(abs(half_report["dice_mean"][k] - v) for k, v in report["dice_mean"].items())
     card.training["storage"] = {"float32_dice": report["dice_mean"], "float16_dice": half_report["dice_mean"],
                                 "largest_difference": round(worst, 5)}
-    shutil.rmtree(folder)
     if worst > HALF_DICE_TOLERANCE:
         logger.warning("fp16 weights change validation Dice by %.4f: storing fp32", worst)
         return save_model(output, network, card)
