@@ -35,6 +35,8 @@ from hybridmim.geometry import model_grid
 from hybridmim.imageio import read_volume
 from hybridmim.inference import Segmenter, window_count
 from hybridmim.metrics import dice_per_label
+from hybridmim.model_card import ModelCard
+from hybridmim.preprocessing import HU_WINDOW
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_VOLUMES = [REPO / "Resources" / "Samples" / "hippocampus_017.nii.gz",
@@ -79,7 +81,6 @@ def reference_pipeline(path: Path, segmenter: Segmenter) -> np.ndarray:
         EnsureChannelFirstd,
         Invertd,
         LoadImaged,
-        NormalizeIntensityd,
         Orientationd,
         Spacingd,
     )
@@ -87,7 +88,7 @@ def reference_pipeline(path: Path, segmenter: Segmenter) -> np.ndarray:
     card = segmenter.card
     pre = Compose([LoadImaged("image"), EnsureChannelFirstd("image"),
                    Orientationd("image", "LPS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-                   Spacingd("image", card.target_spacing, mode="bilinear"), NormalizeIntensityd("image")])
+                   Spacingd("image", card.target_spacing, mode="bilinear"), reference_intensity(card)])
     data = pre({"image": str(path)})
     network = segmenter.model.network
     with torch.no_grad():
@@ -95,6 +96,22 @@ def reference_pipeline(path: Path, segmenter: Segmenter) -> np.ndarray:
     data["pred"] = logits[0].argmax(0, keepdim=True).cpu()
     data = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True)(data)
     return np.asarray(data["pred"][0]).astype(np.uint8).transpose(2, 1, 0)  # to SimpleITK's (k, j, i)
+
+
+def reference_intensity(card: ModelCard):
+    """The MONAI transform a user would pick for the card's normalisation (``auto``: by the card's modality)."""
+    from monai.transforms import NormalizeIntensityd, ScaleIntensityRanged, ScaleIntensityRangePercentilesd
+
+    method = card.intensity.method
+    if method == "auto":
+        method = "ct_window" if card.modality.upper() == "CT" else "percentile"
+    if method == "zscore":
+        return NormalizeIntensityd("image")
+    if method == "ct_window":
+        low, high = card.intensity.window or HU_WINDOW
+        return ScaleIntensityRanged("image", low, high, 0.0, 1.0, clip=True)
+    low, high = card.intensity.percentiles or (0.5, 99.5)
+    return ScaleIntensityRangePercentilesd("image", low, high, 0.0, 1.0, clip=True)
 
 
 def make_large_ct(folder: Path) -> Path:
@@ -143,16 +160,23 @@ def ours(path: Path, segmenter: Segmenter) -> np.ndarray:
     return sitk.GetArrayFromImage(segmenter.segment(read_volume(path)))
 
 
+def _image_and_label(spec: str) -> tuple[Path, Path | None]:
+    image, _, label = spec.partition(":")
+    return Path(image), Path(label) if label else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("volumes", nargs="*", type=Path)
+    parser.add_argument("volumes", nargs="*", metavar="IMAGE[:LABEL]",
+                        help="volumes to run (default: see above); with :LABEL, a ground-truth label map, both "
+                             "pipelines' Dice against it is printed too")
     parser.add_argument("--model", default="hippocampus-cnn")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--large-ct", action="store_true", help="also run a 512 x 512 x 600 CT built from the chest CT")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="hybridmim-benchmark-"))
-    if not args.volumes:
-        args.volumes = [DEFAULT_VOLUMES[0], make_tiled_mri(folder), DEFAULT_VOLUMES[1]]
+    truths = dict(_image_and_label(spec) for spec in args.volumes)
+    args.volumes = list(truths) or [DEFAULT_VOLUMES[0], make_tiled_mri(folder), DEFAULT_VOLUMES[1]]
     if args.large_ct:
         args.volumes.append(make_large_ct(folder))
     segmenter = Segmenter(args.model, args.device)
@@ -189,6 +213,12 @@ def main() -> None:
         print(f"{'':40s} {'':>11s} {'ours':>9s} {my_s:8.2f} {my_mb:8.0f}{my_gpu}   {agreement}")
         print(f"{'':40s} {'':>11s} {'ratio':>9s} {ref_s / my_s:7.2f}x {ref_mb / max(my_mb, 1):7.2f}x"
               "   (reference / ours: >1 means ours is faster / smaller)")
+        if truths.get(path):
+            truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truths[path])))
+            names = list(segmenter.card.label_names())
+            ref_dice, my_dice = (np.mean(list(dice_per_label(labels, truth, names).values())) for labels in (ref, mine))
+            print(f"{'':40s} {'':>11s} {'truth':>9s} Dice vs ground truth: "
+                  f"reference {ref_dice:.4f}, ours {my_dice:.4f}")
         if on_gpu:
             achieved = network_tflop(path, segmenter) / my_s
             peak = next((tflops for name, tflops in GPU_PEAK_TFLOPS.items() if name in gpu), None)
