@@ -31,6 +31,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from hybridmim.cli import image_label_pair
 from hybridmim.geometry import model_grid
 from hybridmim.imageio import read_volume
 from hybridmim.inference import Segmenter, window_count
@@ -161,8 +162,12 @@ def ours(path: Path, segmenter: Segmenter) -> np.ndarray:
 
 
 def _image_and_label(spec: str) -> tuple[Path, Path | None]:
-    image, _, label = spec.partition(":")
-    return Path(image), Path(label) if label else None
+    """``IMAGE`` or ``IMAGE:LABEL``, parsed as the ``hybridmim`` command line parses its pairs."""
+    try:
+        image, label = image_label_pair(spec)
+    except argparse.ArgumentTypeError:  # no label given
+        return Path(spec), None
+    return Path(image), Path(label)
 
 
 def main() -> None:
