@@ -29,8 +29,9 @@ DEFAULT_OVERLAP = 0.25
 # pipeline's voxel for voxel wherever no resampling is needed (benchmark_inference.py); a card may ask for
 # "gaussian" (``inference.blend``).
 DEFAULT_BLEND = "constant"
-# Windows per network call. On CPU a batch of 4 runs a window about 2.5x faster than batches of 1 (measured with
-# Testing/Benchmarks/benchmark_inference.py); on a GPU it is halved on out-of-memory.
+# Windows per network call unless the card says otherwise (``inference.window_batch``). On CPU a batch of 4 runs a
+# CNN window about 2.5x faster than batches of 1 (measured with Testing/Benchmarks/benchmark_inference.py); on a
+# GPU it is halved on out-of-memory.
 DEFAULT_WINDOW_BATCH = 4
 GPU_OUTPUT_BYTES = 2 * 1024**3  # larger class-score maps are accumulated in CPU memory, window by window
 MAX_MODEL_VOXELS = 1024**3 // 2  # beyond this a volume resampled to the model's spacing cannot be held in memory
@@ -68,17 +69,23 @@ class Segmenter:
     """A loaded model ready to segment volumes; reuse it for many volumes to load weights once."""
 
     def __init__(self, model: LoadedModel | str | os.PathLike, device: str = "auto",
-                 overlap: float | None = None, sw_batch_size: int = DEFAULT_WINDOW_BATCH) -> None:
+                 overlap: float | None = None, sw_batch_size: int | None = None) -> None:
         self.device = select_device(device)
         self.model = model if isinstance(model, LoadedModel) else load_model(model, self.device)
         self.model.network.to(self.device).eval()
         self.overlap = overlap if overlap is not None else self.model.card.inference.get("overlap", DEFAULT_OVERLAP)
-        self.sw_batch_size = sw_batch_size
+        self.sw_batch_size = sw_batch_size or self.card_window_batch
         self.blend = self.model.card.inference.get("blend", DEFAULT_BLEND)
 
     @property
     def card(self) -> ModelCard:
         return self.model.card
+
+    @property
+    def card_window_batch(self) -> int:
+        """Windows per network call for this architecture (measured per card; a SwinUNETR's attention makes
+        large batches cost memory without saving time on the CPU)."""
+        return int(self.card.inference.get("window_batch", DEFAULT_WINDOW_BATCH))
 
     def predict_probabilities(self, volume: torch.Tensor, progress: ProgressCallback = no_progress,
                               cancel: CancelToken | None = None) -> torch.Tensor:
@@ -133,7 +140,7 @@ class Segmenter:
                 else:
                     self.device = torch.device("cpu")
                     self.model.network.to(self.device)
-                    self.sw_batch_size = DEFAULT_WINDOW_BATCH
+                    self.sw_batch_size = self.card_window_batch
                     message = "GPU out of memory: continuing on the CPU"
                 logger.warning("%s (model %s)", message, self.card.id)
                 progress(0.0, message)

@@ -120,6 +120,9 @@ class ModelCard:
             fail(f"inference.blend must be 'constant' or 'gaussian', not '{self.inference['blend']}'")
         if not 0 <= float(self.inference.get("overlap", 0.25)) < 1:
             fail("inference.overlap must be in [0, 1)")
+        window_batch = self.inference.get("window_batch", 1)
+        if not isinstance(window_batch, int) or isinstance(window_batch, bool) or window_batch < 1:
+            fail(f"inference.window_batch must be a positive whole number, not {window_batch!r}")
         if self.task not in ("segmentation", "pretrained"):
             fail(f"task must be 'segmentation' or 'pretrained', not '{self.task}'")
         values = [label.value for label in self.labels]

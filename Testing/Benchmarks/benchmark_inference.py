@@ -178,13 +178,15 @@ def main() -> None:
     parser.add_argument("--model", default="hippocampus-cnn")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--large-ct", action="store_true", help="also run a 512 x 512 x 600 CT built from the chest CT")
+    parser.add_argument("--window-batch", type=int, help="windows per network call in our pipeline (default: the "
+                                                         "card's inference.window_batch, else the engine's default)")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="hybridmim-benchmark-"))
     truths = dict(_image_and_label(spec) for spec in args.volumes)
     args.volumes = list(truths) or [DEFAULT_VOLUMES[0], make_tiled_mri(folder), DEFAULT_VOLUMES[1]]
     if args.large_ct:
         args.volumes.append(make_large_ct(folder))
-    segmenter = Segmenter(args.model, args.device)
+    segmenter = Segmenter(args.model, args.device, sw_batch_size=args.window_batch)
     gpu = torch.cuda.get_device_name(segmenter.device) if segmenter.device.type == "cuda" else ""
     print(f"model {segmenter.card.id}, device {gpu or 'cpu'}, torch threads {torch.get_num_threads()}, "
           f"{segmenter.sw_batch_size} windows per batch")

@@ -144,6 +144,15 @@ def test_window_batch_does_not_change_the_labels(segmenter):
     assert (batched == single).mean() > 0.9999 and len(np.unique(single)) == 3
 
 
+def test_window_batch_comes_from_the_card_unless_given(model_copy):
+    card = json.loads((model_copy / "card.json").read_text(encoding="utf-8"))
+    card["inference"] = {"window_batch": 2}
+    (model_copy / "card.json").write_text(json.dumps(card), encoding="utf-8")
+    assert Segmenter(model_copy, "cpu").sw_batch_size == 2
+    assert Segmenter(model_copy, "cpu", sw_batch_size=3).sw_batch_size == 3
+    assert Segmenter("la-swin", "cpu").sw_batch_size == 1  # measured: batches only cost a SwinUNETR memory
+
+
 def test_bundled_model_is_listed_and_resolves_by_id():
     models = {m.card.id: m for m in list_models()}
     assert models["hippocampus-cnn"].bundled
@@ -158,7 +167,9 @@ def test_card_missing_fields_is_a_clear_error(model_copy):
         load_model(model_copy)
 
 
-@pytest.mark.parametrize("inference,message", [({"blend": "median"}, "blend"), ({"overlap": 1.0}, "overlap")])
+@pytest.mark.parametrize("inference,message", [({"blend": "median"}, "blend"), ({"overlap": 1.0}, "overlap"),
+                                               ({"window_batch": 0}, "window_batch"),
+                                               ({"window_batch": 2.5}, "window_batch")])
 def test_card_with_unusable_inference_settings_is_refused(model_copy, inference, message):
     card = json.loads((model_copy / "card.json").read_text(encoding="utf-8"))
     card["inference"] = inference

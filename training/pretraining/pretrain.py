@@ -224,6 +224,7 @@ def export(module: HybridMIMModel, config: dict, settings: dict, sources: list[S
         "target_spacing": config.get("target_spacing"), "labels": [],
         "patch_size": config.get("fine_tuning_patch", [module.crop_size] * 3),  # smaller: cheaper fine-tuning
         "licence": config.get("licence", "See the pre-training data's licences in 'training'."),
+        "inference": config.get("inference", {}),  # inherited by fine-tunes (e.g. a window batch per architecture)
         "weights": {"file": WEIGHTS_FILE, "sha256": ""},
         "training": {"method": "HybridMIM self-supervised pre-training", "steps": settings["steps"],
                      "hardware": f"{dist.get_world_size() if dist.is_initialized() else 1} x "
