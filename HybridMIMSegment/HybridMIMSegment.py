@@ -445,7 +445,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refreshModels()
         card = self.logic.cardOfFolder(folder)
         self.ui.fineTuneStatusLabel.text = _("New version {id} {version} selected ({folder}).").format(
-            id=card.id, version=card.version, folder=folder)
+            id=card.id, version=card.version, folder=folder) + "\n" + card.validation_summary()
         if self._parameterNode.segmentAfterFineTune and self._parameterNode.inputVolume:
             self.onSegment()
 

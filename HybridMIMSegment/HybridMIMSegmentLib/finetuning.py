@@ -419,7 +419,9 @@ def version_tooltip(card: ModelCard) -> str:
         lines.append(f"{training.get('labeled_volumes', '?')} corrected, "
                      f"{training.get('unlabeled_volumes', '?')} unlabelled volumes")
     dice = (card.metrics or {}).get("dice")
-    if isinstance(dice, dict) and dice:
+    if summary := card.validation_summary():
+        lines.append(summary)
+    elif isinstance(dice, dict) and dice:
         lines.append("Dice: " + ", ".join(f"{name} {value:.3f}" for name, value in dice.items()
                                           if isinstance(value, (int, float))))
     elif isinstance(dice, (int, float)):

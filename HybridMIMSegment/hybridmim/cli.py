@@ -71,8 +71,8 @@ def _finetune(args: argparse.Namespace) -> int:
     card = ModelCard.load(folder)
     print(f"New model version {card.id} {card.version} ({card.training['steps']} steps, "
           f"{card.training['time_seconds']:.0f} s) in {folder}")
-    if card.metrics.get("dice"):
-        print(f"Validation Dice: {', '.join(f'{k} {v:.3f}' for k, v in card.metrics['dice'].items())}")
+    if summary := card.validation_summary():
+        print(summary)
     print(f"It is now the active version of '{card.id}'; 'hybridmim revert {card.id} VERSION' goes back.")
     return 0
 

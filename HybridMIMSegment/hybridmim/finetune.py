@@ -104,6 +104,10 @@ def fine_tune(model: str | Path, labeled: Sequence[tuple[ImageSource, ImageSourc
     skip = output_layer_names(architecture["name"], card.in_channels, card.out_channels,
                               **architecture.get("args", {})) if remake_head else frozenset()
     fresh = load_matching(network, state, parent.id, skip)
+    before = None
+    if validation_volumes and not remake_head:
+        status("Measuring the starting model's Dice on the validation volumes")
+        before = evaluate(Segmenter(parent_folder, device=target.type), validation_volumes, cancel)["dice_mean"]
     status(f"Fine-tuning {parent.id} {parent.version} with {settings.method} on {target.type}"
            + (f" (new output layer for {', '.join(card.label_names().values())})" if remake_head else ""))
     result = train_network(network, labeled_cases, unlabeled_cases, card.patch_size, settings, target,
@@ -116,6 +120,8 @@ def fine_tune(model: str | Path, labeled: Sequence[tuple[ImageSource, ImageSourc
         card.metrics = {"split": f"validation: {len(validation_volumes)} labelled volumes given by the user, "
                                  "not trained on", "validation_cases": [v.name for v in validation_volumes],
                         "dice": report["dice_mean"], "hd95_mm": report["hd95_mean_mm"]}
+        if before is not None:
+            card.metrics["starting_model_dice"] = before
     if cancel is not None:
         cancel.raise_if_cancelled()
     card.version = next_version(card.id, parent.version if card.id == parent.id else "1.0.0")

@@ -65,6 +65,23 @@ class ModelCard:
     def label_names(self) -> dict[int, str]:
         return {label.value: label.name for label in self.labels}
 
+    def validation_summary(self) -> str:
+        """Validation Dice, against the starting model's on the same volumes when a fine-tune measured both.
+        Fine-tuning a model of the same structures on a few volumes like its training data can lower it: say so."""
+        dice = self.metrics.get("dice") or {}
+        if "mean" not in dice:
+            return ""
+        text = "Validation Dice: " + ", ".join(f"{name} {value:.3f}" for name, value in dice.items())
+        before = (self.metrics.get("starting_model_dice") or {}).get("mean")
+        if before is None:
+            return text
+        change = dice["mean"] - before
+        text += f" (starting model {before:.3f}, {change:+.3f})"
+        if change < 0:
+            text += (". Lower than the starting model on these volumes: go back to the earlier version unless "
+                     "they are unlike your other images")
+        return text
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -167,6 +167,21 @@ def test_cli_finetune_then_versions(tmp_path, capsys):
     assert [v.card.version for v in model_versions("hippocampus-cnn")] == ["1.0.0", "1.0.0-ft.1"]
 
 
+def test_same_labels_fine_tune_reports_the_starting_models_dice(shared_data, capsys):
+    """With validation volumes and the output layer kept, the card and the command line put the new Dice next to
+    the starting model's on the same volumes, measured with the engine's own inference."""
+    validation = la_case(shared_data, 5)
+    start = dice_on("la-cnn", *validation)
+    code = main(["finetune", "--model", "la-cnn", "--labeled", ":".join(map(str, la_case(shared_data, 3))),
+                 "--validation", ":".join(map(str, validation)), "--steps", "2", "--device", "cpu", "--quiet"])
+    out = capsys.readouterr().out
+    card = json.loads((resolve_model("la-cnn") / "card.json").read_text(encoding="utf-8"))
+    assert code == 0 and card["metrics"]["starting_model_dice"]["mean"] == pytest.approx(start, abs=1e-4)
+    after = card["metrics"]["dice"]["mean"]
+    assert f"(starting model {start:.3f}, {after - start:+.3f})" in out
+    assert ("Lower than the starting model" in out) == (after < start)
+
+
 def test_copy_paste_keeps_every_corrected_voxel():
     """Wherever a voxel comes from the labelled volume, its reference label and full weight win, whatever the
     teacher says; pasted voxels carry the teacher's label at half weight, none where it is unsure."""
