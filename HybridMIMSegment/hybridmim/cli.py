@@ -12,6 +12,7 @@ import sys
 from tqdm import tqdm
 
 from .errors import HybridMIMError
+from .methods import DEFAULT_LEARNING_RATE
 from .model_store import active_versions, list_models, model_versions, set_active_version
 
 DEFAULT_MODEL = "hippocampus-cnn"
@@ -53,8 +54,9 @@ def image_label_pair(value: str) -> tuple[str, str]:
 def _finetune(args: argparse.Namespace) -> int:
     from .finetune import fine_tune, settings_from
 
+    rate = {} if args.learning_rate is None else {"learning_rate": args.learning_rate}
     settings = settings_from(args.method, args.steps, args.minutes, args.seed, len(args.labeled),
-                             len(args.unlabeled))
+                             len(args.unlabeled), **rate)
     with tqdm(total=100, desc=f"fine-tuning {args.model} ({settings.method})", unit="%", disable=args.quiet,
               bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}] {postfix}") as bar:
         def progress(report) -> None:
@@ -164,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="structure names for label values 1..N when they differ from the model's (the output "
                            "layer is re-made and the result gets a new id)")
     tune.add_argument("--id", help="id of the result (default: the model's, or '<model>-<labels>' for new labels)")
+    tune.add_argument("--learning-rate", type=float, metavar="LR",
+                      help=f"peak learning rate (default {DEFAULT_LEARNING_RATE:g}); lower, e.g. 1e-4, changes a "
+                           "model of the same structures less (README, Fine-tuning)")
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
     tune.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

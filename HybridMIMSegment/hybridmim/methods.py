@@ -7,6 +7,7 @@ AUTOMATIC = "auto"  # let default_method choose
 #: GPU the steps do, in about a minute or two.
 DEFAULT_MINUTES = 5.0
 DEFAULT_STEPS = 3000
+DEFAULT_LEARNING_RATE = 1e-3  # peak (AdamW, warm-up then cosine); lower values change a trained model less
 MAX_LABELED = 20  # interactive fine-tuning is for a few volumes; more belongs to offline training
 
 

@@ -30,7 +30,7 @@ from monai.inferers import sliding_window_inference
 from .cases import Case
 from .errors import HybridMIMError
 from .inference import DEFAULT_BLEND, DEFAULT_OVERLAP, DEFAULT_WINDOW_BATCH
-from .methods import METHODS
+from .methods import DEFAULT_LEARNING_RATE, METHODS
 from .metrics import dice_per_label
 from .progress import CancelToken
 from .sampling import PatchSampler
@@ -48,7 +48,7 @@ class TrainSettings:
     minutes: float | None = None
     batch_size: int = 2
     unlabeled_batch_size: int = 2
-    learning_rate: float = 1e-3
+    learning_rate: float = DEFAULT_LEARNING_RATE
     weight_decay: float = 1e-5
     warmup_steps: int = 20
     seed: int = 0
@@ -74,6 +74,8 @@ class TrainSettings:
             raise HybridMIMError("Give a budget: a number of steps, of minutes, or both")
         if (self.steps is not None and self.steps < 1) or (self.minutes is not None and self.minutes <= 0):
             raise HybridMIMError("The budget (steps, minutes) must be positive")
+        if not self.learning_rate > 0:
+            raise HybridMIMError(f"The learning rate must be positive, not {self.learning_rate}")
         if self.method != "supervised" and unlabeled == 0:
             raise HybridMIMError(f"Method '{self.method}' needs unlabelled volumes; give some or use 'supervised'")
 

@@ -164,6 +164,9 @@ def test_cli_finetune_then_versions(tmp_path, capsys):
     code = main(["finetune", "--labeled", f"{SAMPLE_IMAGE}:{tmp_path / 'missing.nii.gz'}", "--steps", "3",
                  "--device", "cpu", "--quiet"])
     assert code == 2 and "error:" in capsys.readouterr().err
+    code = main(["finetune", "--labeled", f"{SAMPLE_IMAGE}:{SAMPLE_LABEL}", "--steps", "3", "--learning-rate", "0",
+                 "--device", "cpu", "--quiet"])
+    assert code == 2 and "learning rate must be positive" in capsys.readouterr().err
     assert [v.card.version for v in model_versions("hippocampus-cnn")] == ["1.0.0", "1.0.0-ft.1"]
 
 
@@ -173,10 +176,12 @@ def test_same_labels_fine_tune_reports_the_starting_models_dice(shared_data, cap
     validation = la_case(shared_data, 5)
     start = dice_on("la-cnn", *validation)
     code = main(["finetune", "--model", "la-cnn", "--labeled", ":".join(map(str, la_case(shared_data, 3))),
-                 "--validation", ":".join(map(str, validation)), "--steps", "2", "--device", "cpu", "--quiet"])
+                 "--validation", ":".join(map(str, validation)), "--steps", "2", "--learning-rate", "1e-4",
+                 "--device", "cpu", "--quiet"])
     out = capsys.readouterr().out
     card = json.loads((resolve_model("la-cnn") / "card.json").read_text(encoding="utf-8"))
     assert code == 0 and card["metrics"]["starting_model_dice"]["mean"] == pytest.approx(start, abs=1e-4)
+    assert card["training"]["settings"]["learning_rate"] == 1e-4
     after = card["metrics"]["dice"]["mean"]
     assert f"(starting model {start:.3f}, {after - start:+.3f})" in out
     assert ("Lower than the starting model" in out) == (after < start)
