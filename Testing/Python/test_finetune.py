@@ -182,9 +182,9 @@ def test_same_labels_fine_tune_reports_the_starting_models_dice(shared_data, cap
     card = json.loads((resolve_model("la-cnn") / "card.json").read_text(encoding="utf-8"))
     assert code == 0 and card["metrics"]["starting_model_dice"]["mean"] == pytest.approx(start, abs=1e-4)
     assert card["training"]["settings"]["learning_rate"] == 1e-4
-    after = card["metrics"]["dice"]["mean"]
-    assert f"(starting model {start:.3f}, {after - start:+.3f})" in out
-    assert ("Lower than the starting model" in out) == (after < start)
+    before, after = card["metrics"]["starting_model_dice"]["mean"], card["metrics"]["dice"]["mean"]
+    assert f"(starting model {before:.3f}, {after - before:+.3f})" in out
+    assert ("Lower than the starting model" in out) == (after < before)
 
 
 def test_copy_paste_keeps_every_corrected_voxel():
