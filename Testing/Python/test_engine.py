@@ -15,6 +15,7 @@ from hybridmim.imageio import read_volume
 from hybridmim.inference import Segmenter, segment_file, window_count
 from hybridmim.model_card import ModelCard
 from hybridmim.model_store import list_models, load_model, resolve_model, save_model
+from hybridmim.networks import fuse_attention
 from hybridmim.progress import CancelToken
 
 
@@ -151,6 +152,18 @@ def test_window_batch_comes_from_the_card_unless_given(model_copy):
     assert Segmenter(model_copy, "cpu").sw_batch_size == 2
     assert Segmenter(model_copy, "cpu", sw_batch_size=3).sw_batch_size == 3
     assert Segmenter("la-swin", "cpu").sw_batch_size == 1  # measured: batches only cost a SwinUNETR memory
+
+
+def test_fused_attention_keeps_the_swinunetr_labels():
+    """The SwinUNETRs run fused attention at inference; on a real case it gives MONAI's default attention's labels."""
+    segmenter = Segmenter("hippocampus-swin", "cpu")
+    volume = sitk.Expand(read_volume(SAMPLE_IMAGE), [2, 2, 1])  # several windows
+    flags = [m.use_flash_attention for m in segmenter.model.network.modules() if hasattr(m, "use_flash_attention")]
+    fused = sitk.GetArrayFromImage(segmenter.segment(volume))
+    fuse_attention(segmenter.model.network, False)
+    plain = sitk.GetArrayFromImage(segmenter.segment(volume))
+    assert flags and all(flags)
+    assert (fused == plain).mean() > 0.9999 and len(np.unique(plain)) == 3
 
 
 def test_bundled_model_is_listed_and_resolves_by_id():
