@@ -37,7 +37,7 @@ from hybridmim.imageio import read_volume
 from hybridmim.inference import Segmenter, window_count
 from hybridmim.metrics import dice_per_label
 from hybridmim.model_card import ModelCard
-from hybridmim.networks import fuse_attention
+from hybridmim.networks import monai_default_attention
 from hybridmim.preprocessing import HU_WINDOW
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,12 +92,8 @@ def reference_pipeline(path: Path, segmenter: Segmenter) -> np.ndarray:
                    Orientationd("image", "LPS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
                    Spacingd("image", card.target_spacing, mode="bilinear"), reference_intensity(card)])
     data = pre({"image": str(path)})
-    network = fuse_attention(segmenter.model.network, False)  # MONAI's default attention, as a plain pipeline has
-    try:
-        with torch.no_grad():
-            logits = sliding_window_inference(data["image"][None].to(segmenter.device), card.patch_size, 1, network)
-    finally:
-        fuse_attention(network)
+    with monai_default_attention(segmenter.model.network) as network, torch.no_grad():
+        logits = sliding_window_inference(data["image"][None].to(segmenter.device), card.patch_size, 1, network)
     data["pred"] = logits[0].argmax(0, keepdim=True).cpu()
     data = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=True)(data)
     return np.asarray(data["pred"][0]).astype(np.uint8).transpose(2, 1, 0)  # to SimpleITK's (k, j, i)

@@ -15,7 +15,7 @@ from hybridmim.imageio import read_volume
 from hybridmim.inference import Segmenter, segment_file, window_count
 from hybridmim.model_card import ModelCard
 from hybridmim.model_store import list_models, load_model, resolve_model, save_model
-from hybridmim.networks import fuse_attention
+from hybridmim.networks import monai_default_attention
 from hybridmim.progress import CancelToken
 
 
@@ -154,16 +154,20 @@ def test_window_batch_comes_from_the_card_unless_given(model_copy):
     assert Segmenter("la-swin", "cpu").sw_batch_size == 1  # measured: batches only cost a SwinUNETR memory
 
 
-def test_fused_attention_keeps_the_swinunetr_labels():
-    """The SwinUNETRs run fused attention at inference; on a real case it gives MONAI's default attention's labels."""
+def test_fast_attention_keeps_the_swinunetr_labels():
+    """SwinUNETRs run fused attention with kept window masks; on a real case that gives the labels of MONAI's
+    default attention."""
+    from monai.networks.nets import swin_unetr
+
     segmenter = Segmenter("hippocampus-swin", "cpu")
     volume = sitk.Expand(read_volume(SAMPLE_IMAGE), [2, 2, 1])  # several windows
     flags = [m.use_flash_attention for m in segmenter.model.network.modules() if hasattr(m, "use_flash_attention")]
-    fused = sitk.GetArrayFromImage(segmenter.segment(volume))
-    fuse_attention(segmenter.model.network, False)
-    plain = sitk.GetArrayFromImage(segmenter.segment(volume))
-    assert flags and all(flags)
-    assert (fused == plain).mean() > 0.9999 and len(np.unique(plain)) == 3
+    fast = sitk.GetArrayFromImage(segmenter.segment(volume))
+    with monai_default_attention(segmenter.model.network):
+        assert not hasattr(swin_unetr.compute_mask, "cache_info")
+        plain = sitk.GetArrayFromImage(segmenter.segment(volume))
+    assert flags and all(flags) and swin_unetr.compute_mask.cache_info().hits > 0
+    assert (fast == plain).mean() > 0.9999 and len(np.unique(plain)) == 3
 
 
 def test_bundled_model_is_listed_and_resolves_by_id():
