@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch.nn as nn
@@ -118,7 +118,7 @@ def _cached_window_mask(compute_mask: Callable[..., Any]) -> Callable[..., Any]:
     def cached(dims: tuple, window_size: tuple, shift_size: tuple, device: Any) -> Any:
         return compute_mask(list(dims), window_size, shift_size, device)
 
-    def window_mask(dims, window_size, shift_size, device):
+    def window_mask(dims: Sequence[int], window_size: Sequence[int], shift_size: Sequence[int], device: Any) -> Any:
         return cached(tuple(dims), tuple(window_size), tuple(shift_size), device)
 
     window_mask.cache_info, window_mask.__wrapped__ = cached.cache_info, compute_mask
