@@ -21,6 +21,7 @@ from hybridmim.inference import Segmenter, select_device
 from hybridmim.model_card import WEIGHTS_FILE, ModelCard
 from hybridmim.model_store import LoadedModel, initialise_from, save_model
 from hybridmim.networks import build_network
+from hybridmim.postprocessing import single_piece_labels
 from hybridmim.trainer import TrainProgress, TrainSettings, train_network
 
 from .datalist import read_datalist, split_cases
@@ -48,6 +49,9 @@ def train_supervised(config: dict[str, Any], dataset_json: Path, output: Path, d
                                                 train_settings.seed)
     logger.info("%d training cases, %d validation cases", len(train_paths), len(validation_paths))
     cases = [load_case(card, c.image, c.label, c.name) for c in tqdm(train_paths, desc="loading", leave=False)]
+    if "largest_component" not in card.inference:  # a config may set it; else the training labels decide
+        card.inference["largest_component"] = single_piece_labels([c.label for c in cases], card.label_names())
+    logger.info("keeping only the largest piece of label(s) %s", card.inference["largest_component"])
 
     network = build_network(card.architecture["name"], card.in_channels, card.out_channels,
                             **card.architecture.get("args", {}))

@@ -19,6 +19,7 @@ from .geometry import labels_on_grid, model_grid
 from .imageio import check_output_path, read_volume, write_labelmap
 from .model_card import ModelCard
 from .model_store import LoadedModel, load_model
+from .postprocessing import keep_largest_component
 from .preprocessing import model_input
 from .progress import CancelToken, ProgressCallback, no_progress
 
@@ -166,7 +167,8 @@ class Segmenter:
         if cancel is not None:
             cancel.raise_if_cancelled()
         progress(0.95, "postprocessing")
-        labelmap = labels_on_grid(probabilities, grid, image)
+        labelmap = keep_largest_component(labels_on_grid(probabilities, grid, image),
+                                          card.inference.get("largest_component", []))
         progress(1.0, "done")
         return labelmap
 

@@ -140,6 +140,9 @@ class ModelCard:
         window_batch = self.inference.get("window_batch", 1)
         if not isinstance(window_batch, int) or isinstance(window_batch, bool) or window_batch < 1:
             fail(f"inference.window_batch must be a positive whole number, not {window_batch!r}")
+        largest = self.inference.get("largest_component", [])
+        if not isinstance(largest, list) or any(v not in [label.value for label in self.labels] for v in largest):
+            fail(f"inference.largest_component must list label values of this model, not {largest!r}")
         if self.task not in ("segmentation", "pretrained"):
             fail(f"task must be 'segmentation' or 'pretrained', not '{self.task}'")
         values = [label.value for label in self.labels]

@@ -186,7 +186,9 @@ def test_card_missing_fields_is_a_clear_error(model_copy):
 
 @pytest.mark.parametrize("inference,message", [({"blend": "median"}, "blend"), ({"overlap": 1.0}, "overlap"),
                                                ({"window_batch": 0}, "window_batch"),
-                                               ({"window_batch": 2.5}, "window_batch")])
+                                               ({"window_batch": 2.5}, "window_batch"),
+                                               ({"largest_component": [3]}, "largest_component"),
+                                               ({"largest_component": 1}, "largest_component")])
 def test_card_with_unusable_inference_settings_is_refused(model_copy, inference, message):
     card = json.loads((model_copy / "card.json").read_text(encoding="utf-8"))
     card["inference"] = inference

@@ -65,6 +65,7 @@ def test_new_structure_learned_from_two_volumes_and_bundled_model_untouched(shar
                                           "sha256": json.loads((BUNDLED_MODEL / "card.json").read_text(
                                               encoding="utf-8"))["weights"]["sha256"]}
     assert [label["name"] for label in card["labels"]] == ["left atrium"]
+    assert card["inference"]["largest_component"] == [1]  # one piece in both corrected volumes (the parent: [1, 2])
     final_dice = np.mean([dice_on(folder, *case) for case in held_out])
     assert card["metrics"]["dice"]["left atrium"] == pytest.approx(final_dice, abs=1e-3)
     assert final_dice > 0.5 and final_dice > start_dice + 0.3, (start_dice, final_dice)
