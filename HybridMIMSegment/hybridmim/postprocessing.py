@@ -56,6 +56,9 @@ def single_piece_labels(label_arrays: Sequence[np.ndarray], values: Iterable[int
 
 def keep_largest_component(labelmap: sitk.Image, values: Iterable[int]) -> sitk.Image:
     """``labelmap`` with every piece of each of ``values`` but its largest set to background; geometry kept."""
+    values = list(values)
+    if not values:
+        return labelmap
     labels = sitk.GetArrayFromImage(labelmap)
     changed = False
     for value in values:
