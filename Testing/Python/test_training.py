@@ -83,6 +83,7 @@ def test_supervised_training_writes_loadable_model_with_card(shared_data, tmp_pa
     card = ModelCard.load(output)
     assert card.training["steps"] == 40 and card.training["train_cases"] == 7
     assert len(card.metrics["validation_cases"]) == 3
+    assert card.inference["largest_component"] == [1, 2]  # each part is one piece in every training label
     assert 0 <= card.metrics["dice"]["mean"] <= 1
     assert set(card.metrics["hd95_mm"]) == {"anterior hippocampus", "posterior hippocampus"}
     # fp16 storage only when the stored weights give the fp32 network's validation Dice (to 0.001)
