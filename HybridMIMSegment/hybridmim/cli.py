@@ -122,10 +122,8 @@ def _models(args: argparse.Namespace) -> int:
             print(f"  Dice {', '.join(f'{k} {v:.3f}' for k, v in dice.items())} ({card.metrics.get('split', '')})")
         if hd95:
             print(f"  HD95 mm {', '.join(f'{k} {v:.2f}' for k, v in hd95.items())}")
-        if card.inference.get("largest_component"):
-            names = card.label_names()
-            print("  keeps only the largest piece of: "
-                  + ", ".join(names[v] for v in card.inference["largest_component"]))
+        if card.largest_component_names():
+            print(f"  keeps only the largest piece of: {', '.join(card.largest_component_names())}")
         if "initialisation" in card.training:
             print(f"  initialisation: {card.training['initialisation']}")
         print(f"  licence: {card.licence}")

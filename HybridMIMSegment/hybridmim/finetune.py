@@ -95,10 +95,9 @@ def fine_tune(model: str | Path, labeled: Sequence[tuple[ImageSource, ImageSourc
     unlabeled_cases = [load_case(card, image, None, source_name(image, f"unlabelled-{i + 1}"))
                        for i, image in enumerate(unlabeled)]
     card.inference["largest_component"] = single_piece_labels([c.label for c in labeled_cases], card.label_names())
-    if card.inference["largest_component"]:
-        names = card.label_names()
+    if card.largest_component_names():
         status("One piece in every corrected volume, so only its largest piece will be kept: "
-               + ", ".join(names[v] for v in card.inference["largest_component"]))
+               + ", ".join(card.largest_component_names()))
     validation_volumes = [LabeledVolume(source_name(image, f"validation-{i + 1}"), image, label)
                           for i, (image, label) in enumerate(validation)]
     validation_cases = [load_case(card, v.image, v.label, v.name, require_foreground=True)

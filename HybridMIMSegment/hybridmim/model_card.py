@@ -65,6 +65,11 @@ class ModelCard:
     def label_names(self) -> dict[int, str]:
         return {label.value: label.name for label in self.labels}
 
+    def largest_component_names(self) -> list[str]:
+        """Names of the structures whose largest piece alone is kept after inference."""
+        names = self.label_names()
+        return [names[v] for v in self.inference.get("largest_component", [])]
+
     def validation_summary(self) -> str:
         """Validation Dice, against the starting model's on the same volumes when a fine-tune measured both.
         Fine-tuning a model of the same structures on a few volumes like its training data can lower it: say so."""
