@@ -11,8 +11,9 @@ Plans:
   model of another structure (hippocampus-cnn: a new output layer is made), at the minutes budget only.
 
 Dice is measured with the engine's inference on each case's original grid, on the held-out validation cases and
-on (up to) 10 of the run's unlabelled volumes. Every run appends a line to OUTPUT/results.jsonl and is skipped
-when already there, so an interrupted benchmark continues where it stopped.
+on (up to) 10 of the run's unlabelled volumes, with the fine-tuned card's post-processing (its row's
+``largest_component``: the labels whose largest piece alone is kept). Every run appends a line to
+OUTPUT/results.jsonl and is skipped when already there, so an interrupted benchmark continues where it stopped.
 
     python Testing/Benchmarks/benchmark_finetuning.py --output runs/finetune-benchmark [--plan standard interactive]
         [--subsets 8 4 16] [--interactive 3 1 5] [--seeds 0 1 2] [--steps 600] [--minutes 2] [--pretrained FOLDER]
@@ -152,6 +153,7 @@ def execute(run: dict, data: Path, output: Path, validation: list[str]) -> dict:
             "unlabeled": len(run["unlabeled"]), "method": run["method"], "budget": list(run["budget"]),
             "seed": run["seed"], "steps": card["training"]["steps"], "seconds": card["training"]["time_seconds"],
             "hardware": card["training"]["hardware"], "load": round(load, 2),
+            "largest_component": card.get("inference", {}).get("largest_component", []),
             "validation_dice": on_validation["dice_mean"]["mean"], "validation_hd95": on_validation["hd95_mean_mm"],
             "unlabeled_dice": on_unlabeled["dice_mean"]["mean"]}
 
@@ -186,15 +188,21 @@ def report(output: Path, quiet_load: float) -> None:
         quiet = [m["seconds"] for m in members if m["load"] <= quiet_load]
         return f"{round(statistics.mean(quiet))}" if quiet else "(busy CPU)"
 
+    def largest_piece(members: list[dict]) -> str:
+        """Whether the runs' models kept only the largest piece ('?' for rows from before the field existed)."""
+        kept = {("yes" if m["largest_component"] else "no") if "largest_component" in m else "?" for m in members}
+        return "/".join(sorted(kept))
+
     print("| plan | start | labelled | budget | method | seeds | validation Dice % | unlabelled Dice % "
-          "| steps | seconds |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| steps | seconds | largest piece |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (plan, start, labeled, budget, method), members in sorted(groups.items(), key=lambda kv: (
             kv[0][0], kv[0][1], kv[0][2], kv[0][3], METHODS.index(kv[0][4]))):
         print(f"| {plan} | {start} | {labeled} | {budget} | {method} | {len(members)} "
               f"| {spread([m['validation_dice'] for m in members])} "
               f"| {spread([m['unlabeled_dice'] for m in members])} "
-              f"| {round(statistics.mean(m['steps'] for m in members))} | {seconds(members)} |")
+              f"| {round(statistics.mean(m['steps'] for m in members))} | {seconds(members)} "
+              f"| {largest_piece(members)} |")
     print(f"\nhardware: {sorted({row['hardware'] for row in rows})}; CPU load at the end of training: "
           f"{min(row['load'] for row in rows):.1f} to {max(row['load'] for row in rows):.1f}")
 
