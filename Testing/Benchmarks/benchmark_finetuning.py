@@ -205,6 +205,30 @@ def report(output: Path, quiet_load: float) -> None:
               f"| {largest_piece(members)} |")
     print(f"\nhardware: {sorted({row['hardware'] for row in rows})}; CPU load at the end of training: "
           f"{min(row['load'] for row in rows):.1f} to {max(row['load'] for row in rows):.1f}")
+    paired_starts(rows)
+
+
+def paired_starts(rows: list[dict]) -> None:
+    """Pretrained minus random weights of the same architecture (``scratch:``), per run whose twin (same subset,
+    method, budget and seed) exists: held-out Dice points per seed, then pooled over all pairs."""
+    by_key = {(row["start"], row["labeled"], row["method"], tuple(row["budget"]), row["seed"]): row for row in rows}
+    groups = defaultdict(list)
+    for (start, labeled, method, budget, seed), row in sorted(by_key.items()):
+        kind, _, folder = start.partition(":")
+        twin = by_key.get((f"scratch:{folder}", labeled, method, budget, seed))
+        if kind == "pretrained" and twin is not None:
+            groups[(labeled, f"{budget[1]} {budget[0]}", method)].append(
+                100 * (row["validation_dice"] - twin["validation_dice"]))
+    if not groups:
+        return
+    print("\n| labelled | budget | method | pretrained - random weights, held-out Dice points per seed |")
+    print("|---|---|---|---|")
+    for (labeled, budget, method), differences in sorted(groups.items()):
+        print(f"| {labeled} | {budget} | {method} | {', '.join(f'{d:+.1f}' for d in differences)} |")
+    pooled = [d for differences in groups.values() for d in differences]
+    sd = statistics.stdev(pooled) if len(pooled) > 1 else 0.0
+    print(f"\nall {len(pooled)} pairs: {statistics.mean(pooled):+.1f} ± {sd:.1f} points (mean ± sd), "
+          f"pretrained ahead in {sum(d > 0 for d in pooled)}")
 
 
 def main() -> int:
