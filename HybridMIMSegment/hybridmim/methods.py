@@ -3,8 +3,8 @@ packages are installed."""
 
 METHODS = ("supervised", "mean-teacher", "bcp")
 AUTOMATIC = "auto"  # let default_method choose
-#: The budget when none is given: whichever comes first. On this project's 2-core CPU the minutes end it; on a
-#: GPU the steps do, in about a minute or two.
+#: The budget when none is given: whichever comes first. On this project's 2-core CPU the minutes end it; the
+#: steps are meant to end it on a GPU (the GPU round time is not measured yet: README, Fine-tuning).
 DEFAULT_MINUTES = 5.0
 DEFAULT_STEPS = 3000
 DEFAULT_LEARNING_RATE = 1e-3  # peak (AdamW, warm-up then cosine); lower values change a trained model less
