@@ -1,10 +1,12 @@
-"""HybridMIMSegment Slicer module: wiring only. The engine (``hybridmim``) does the work; ``HybridMIMSegmentLib``
-bridges MRML and runs it off the GUI thread."""
+"""HybridMIMSegment Slicer module: wiring only. The engine (``hybridmim``) does the work in a worker process
+(``hybridmim`` command line tool, run by ``PythonSlicer``); ``HybridMIMSegmentLib`` moves volumes and
+segmentations between MRML and that process. Slicer's own process never imports torch or MONAI."""
 
 from __future__ import annotations
 
 import logging
 import os
+import platform
 from pathlib import Path
 from typing import Annotated
 
@@ -23,11 +25,12 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from hybridmim.methods import AUTOMATIC, DEFAULT_MINUTES
-from HybridMIMSegmentLib.finetuning import METHOD_LABELS, METHOD_TOOLTIPS
+from hybridmim.methods import AUTOMATIC, DEFAULT_MINUTES, METHOD_LABELS, METHOD_TOOLTIPS
+from hybridmim.model_store import DEFAULT_MODEL
 
-DEFAULT_MODEL = "hippocampus-cnn"
 MODULE_DIR = Path(__file__).resolve().parent
+DEVICES = ["auto", "cuda", "mps", "cpu"]
+SAMPLE_NAME = "HybridMIMHippocampus"
 
 
 def resourceFile(*parts: str) -> Path:
@@ -52,17 +55,35 @@ class HybridMIMSegment(ScriptedLoadableModule):
         self.parent.contributors = ["HybridMIMSegment developers"]
         self.parent.helpText = _(
             "Segments a CT or MRI volume with a bundled 3D network (CNN or SwinUNETR). Pick the volume and a model, "
-            "click Segment; the result is a segmentation with named, coloured segments on the volume's exact grid. "
-            "Runs in the background (Cancel leaves the scene unchanged); uses the GPU when there is one. "
+            "click Segment; the result is a segmentation with named, coloured segments on the volume's exact grid "
+            "(also under a parent transform). The network runs in a separate process (progress shown; Cancel "
+            "stops it and leaves the scene unchanged); it uses the GPU when there is one. "
             "<br><b>Fine-tune</b>: correct a few results in Segment Editor, check them (and any unlabelled volumes) "
             "in the Fine-tune section, pick a method and a time budget and click Fine-tune: the model is adapted in "
             "the background (live loss plot; Cancel writes nothing) into a new version in the user models folder, "
-            "which is then selected; earlier versions stay and one click reverts to them. "
+            "which is then selected; earlier versions stay and one click reverts to them. Checked (corrected) "
+            "segmentations are never written into again: Segment puts new results into a new segmentation. "
             "Models are bundled: nothing is downloaded. Research use only, not for diagnosis. "
             '<a href="https://github.com/HybridMIMSegment/HybridMIMSegment#readme">Documentation</a>.')
         self.parent.acknowledgementText = _(
             "Networks from MONAI; method: Xing et al., HybridMIM, IEEE JBHI 2024. The bundled hippocampus model was "
             "trained on the Medical Segmentation Decathlon Task04 data (CC-BY-SA 4.0).")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData() -> None:
+    """The bundled hippocampus MRI (MSD Task04, CC-BY-SA 4.0) in the Sample Data module, from the local file."""
+    import SampleData
+
+    try:
+        volume = resourceFile("Samples", "hippocampus_017.nii.gz")
+    except FileNotFoundError:
+        return
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="HybridMIMSegment", sampleName=SAMPLE_NAME, uris=volume.as_uri(),
+        fileNames="hippocampus_017.nii.gz", nodeNames=SAMPLE_NAME,
+        thumbnailFileName=str(MODULE_DIR / "Resources" / "Icons" / "HybridMIMSegment.png"),
+        loadFileTypes="VolumeFile")
 
 
 #
@@ -73,14 +94,15 @@ class HybridMIMSegment(ScriptedLoadableModule):
 @parameterNodeWrapper
 class HybridMIMSegmentParameterNode:
     """inputVolume: volume to segment. model: id or folder of the model (bundled or user). device: auto (GPU when
-    present), cuda, cpu. outputSegmentation: where results go (a new node when empty). replaceSegments: overwrite
-    segments of the same name instead of adding new ones. fineTuneMethod, fineTuneMinutes: how and how long to
-    fine-tune. holdOutForDice: keep the last checked segmentation out of training to measure Dice on it.
-    segmentAfterFineTune: run Segment with the new version when fine-tuning is done."""
+    present), cuda, mps (Apple), cpu. outputSegmentation: where results go (a new node when empty, when it holds
+    corrections, or when it belongs to another volume). replaceSegments: overwrite segments of the same name
+    instead of adding new ones. fineTuneMethod, fineTuneMinutes: how and how long to fine-tune. holdOutForDice:
+    keep the last checked segmentation out of training to measure Dice on it. segmentAfterFineTune: segment the
+    input volume with the new version, into a new segmentation, when fine-tuning is done."""
 
     inputVolume: vtkMRMLScalarVolumeNode
     model: str = DEFAULT_MODEL
-    device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
+    device: Annotated[str, Choice(DEVICES)] = "auto"
     outputSegmentation: vtkMRMLSegmentationNode
     replaceSegments: bool = True
     fineTuneMethod: Annotated[str, Choice(list(METHOD_LABELS))] = AUTOMATIC
@@ -102,14 +124,12 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._task = None
-        self._taskInputs = None
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.connect("timeout()", self._pollTask)
         self._fineTuneTask = None
         self._plottedRows = 0
         self._plotWidget = None
-        self._fineTuneCancelling = False
         self._activeVersionFolder = None
         self._fineTuneTimer = qt.QTimer()
         self._fineTuneTimer.setInterval(250)
@@ -132,7 +152,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.openModelsFolderButton.connect("clicked(bool)", self.onOpenModelsFolder)
         self.ui.fineTuneButton.connect("clicked(bool)", self.onFineTune)
         self.ui.fineTuneCancelButton.connect("clicked(bool)", self.onCancelFineTune)
-        self.ui.correctedSegmentationsSelector.connect("checkedNodesChanged()", self._updateButtons)
+        self.ui.correctedSegmentationsSelector.connect("checkedNodesChanged()", self.onCorrectedChecked)
         self.ui.versionSelector.connect("currentIndexChanged(int)", self._updateButtons)
         self.ui.revertButton.connect("clicked(bool)", self.onRevert)
         self.ui.cancelButton.enabled = False
@@ -147,6 +167,9 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onCancelFineTune()
         self._timer.stop()
         self._fineTuneTimer.stop()
+        for task in (self._task, self._fineTuneTask):
+            if task is not None:
+                task.process.cleanup()  # the application is closing: do not leave a worker behind
         self.removeObservers()
 
     def enter(self) -> None:
@@ -181,18 +204,24 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self._labelMethodItems()
+            self._labelChoiceItems()
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
             self._selectModelInCombobox(self._parameterNode.model)
             self._updateButtons()
 
-    def _labelMethodItems(self) -> None:
-        """connectGui fills the method combo with the engine's method ids (it reads by index): show readable names
-        and what each method does."""
+    def _labelChoiceItems(self) -> None:
+        """connectGui fills the method and device combos with the parameter values (it reads by index): show
+        readable method names with what each does, and offer mps only where PyTorch sees an Apple GPU."""
         for index, method in enumerate(METHOD_LABELS):
             if index < self.ui.fineTuneMethodSelector.count:
                 self.ui.fineTuneMethodSelector.setItemText(index, _(METHOD_LABELS[method]))
                 self.ui.fineTuneMethodSelector.setItemData(index, _(METHOD_TOOLTIPS[method]), qt.Qt.ToolTipRole)
+        mpsIndex = self.ui.deviceSelector.findText("mps")
+        if mpsIndex >= 0:
+            offered = "mps" in self.logic.availableDevices()
+            self.ui.deviceSelector.model().item(mpsIndex).setEnabled(offered)
+            self.ui.deviceSelector.setItemData(mpsIndex, _("Apple GPU (Metal)") if offered else
+                                               _("Apple GPU: not available here"), qt.Qt.ToolTipRole)
 
     # Models
 
@@ -230,6 +259,11 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.model = folder
         self._updateVersions(folder)
         self._updateButtons()
+
+    def _selectedCard(self):
+        index = self.ui.modelSelector.currentIndex
+        folder = self.ui.modelSelector.itemData(index) if index >= 0 else None
+        return self.logic.cardOfFolder(folder) if folder else None
 
     def _updateVersions(self, folder) -> None:
         """List the versions of the selected model's id; the selected folder is the current item."""
@@ -270,15 +304,20 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateButtons(self, caller=None, event=None) -> None:
         segmenting, fineTuning = self._task is not None, self._fineTuneTask is not None
         busy = segmenting or fineTuning
-        ready = bool(self._parameterNode and self._parameterNode.inputVolume and self.ui.modelSelector.count)
+        card = self._selectedCard()
+        pretrainedOnly = card is not None and card.task != "segmentation"
+        ready = bool(self._parameterNode and self._parameterNode.inputVolume and card and not pretrainedOnly)
         self.ui.segmentButton.enabled = ready and not busy
         self.ui.segmentButton.toolTip = (
-            _("Wait for fine-tuning to finish") if fineTuning else _("Segment the input volume") if ready
+            _("Wait for fine-tuning to finish") if fineTuning
+            else _("This model is pre-trained only (it has no segmentation output): fine-tune it on a few corrected "
+                   "segmentations first") if pretrainedOnly
+            else _("Segment the input volume") if ready
             else _("Select an input volume and a model"))
         self.ui.cancelButton.enabled = segmenting
 
         checked = len(self.ui.correctedSegmentationsSelector.checkedNodes())
-        canFineTune = bool(self._parameterNode and self.ui.modelSelector.count and checked)
+        canFineTune = bool(self._parameterNode and card and checked)
         self.ui.fineTuneButton.enabled = canFineTune and not busy
         self.ui.fineTuneButton.toolTip = (
             _("Wait for the running task to finish") if busy
@@ -291,16 +330,26 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             selected == self._parameterNode.model
         self.ui.revertButton.enabled = bool(selected) and not fineTuning and not inUse
 
+    def onCorrectedChecked(self) -> None:
+        """A checked segmentation is a user's corrected work: Segment never writes into it again."""
+        from HybridMIMSegmentLib.segmenting import mark_corrected
+
+        for node in self.ui.correctedSegmentationsSelector.checkedNodes():
+            mark_corrected(node)
+        self._updateButtons()
+
     def onSegment(self) -> None:
+        self._startSegment(self._parameterNode.outputSegmentation)
+
+    def _startSegment(self, segmentationNode) -> None:
+        """Start the worker; the result goes to ``segmentationNode`` when that is safe, else to a new node."""
         with slicer.util.tryWithErrorDisplay(_("Segmentation failed to start."), waitCursor=True):
-            if not self.logic.setupDependencies(ask=True):
+            if not self.logic.setupDependencies():
                 self.ui.statusLabel.text = _("Python packages are missing; nothing was done.")
                 return
             p = self._parameterNode
-            self._taskInputs = (p.inputVolume, p.outputSegmentation, p.replaceSegments)
-            self._task = self.logic.segment(p.inputVolume, model=p.model, device=p.device,
-                                            segmentationNode=p.outputSegmentation, replace=p.replaceSegments,
-                                            wait=False)
+            self._task = self.logic.startSegment(p.inputVolume, model=p.model, device=p.device,
+                                                 segmentationNode=segmentationNode, replace=p.replaceSegments)
             self.ui.progressBar.value = 0
             self.ui.progressBar.show()
             self.ui.statusLabel.text = _("Starting...")
@@ -317,14 +366,14 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if task is None:
             self._timer.stop()
             return
+        finished = task.poll()
         self.ui.progressBar.value = int(100 * task.fraction)
         self.ui.statusLabel.text = task.message
-        if not task.done:
+        if not finished:
             return
         self._timer.stop()
         self._task = None
         self.ui.progressBar.hide()
-        volumeNode, segmentationNode, replace = self._taskInputs
         from hybridmim.errors import Cancelled
 
         if isinstance(task.error, Cancelled):
@@ -332,14 +381,15 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif task.error is not None:
             self.ui.statusLabel.text = _("Failed: {error}").format(error=task.error)
             slicer.util.errorDisplay(_("Segmentation failed: {error}").format(error=task.error))
-            logging.error("Segmentation failed", exc_info=task.error)
+            logging.error("Segmentation failed: %s", task.error)
         else:
             with slicer.util.tryWithErrorDisplay(_("Could not store the result."), waitCursor=True):
-                labelmap, card = task.result
-                node = self.logic.applyResult(volumeNode, labelmap, card, segmentationNode, replace)
+                node = task.apply()
                 self._parameterNode.outputSegmentation = node
-                self.ui.statusLabel.text = _("Done: {n} segments in '{name}'.").format(
-                    n=len(card.labels), name=node.GetName())
+                text = _("Done: {n} segments in '{name}'.").format(n=len(task.card.labels), name=node.GetName())
+                if task.note:
+                    text += " " + _("A new segmentation was made: {why}.").format(why=task.note)
+                self.ui.statusLabel.text = text
         self._updateButtons()
 
     # Fine-tune / Cancel
@@ -348,7 +398,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Read the checked nodes (main thread), confirm a new label set, start the worker and the live plot."""
         inputs = None
         with slicer.util.tryWithErrorDisplay(_("Fine-tuning could not start."), waitCursor=True):
-            if not self.logic.setupDependencies(ask=True):
+            if not self.logic.setupDependencies():
                 self.ui.fineTuneStatusLabel.text = _("Python packages are missing; nothing was done.")
                 return
             segmentations = list(self.ui.correctedSegmentationsSelector.checkedNodes())
@@ -372,8 +422,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Fine-tuning could not start."), waitCursor=True):
             p = self._parameterNode
             self._fineTuneTask = self.logic.startFineTune(inputs, model=p.model, method=p.fineTuneMethod,
-                                                          minutes=p.fineTuneMinutes, device=p.device, wait=False)
-            self._fineTuneCancelling = False
+                                                          minutes=p.fineTuneMinutes, device=p.device)
             self._startPlot()
             self.ui.fineTuneProgressBar.value = 0
             self.ui.fineTuneProgressBar.show()
@@ -404,7 +453,6 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onCancelFineTune(self) -> None:
         if self._fineTuneTask is not None:
             self._fineTuneTask.cancel()
-            self._fineTuneCancelling = True
             self.ui.fineTuneStatusLabel.text = _("Cancelling...")
 
     def _pollFineTune(self) -> None:
@@ -414,14 +462,16 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         from HybridMIMSegmentLib.plotting import TrainingPlot
 
-        rows = task.log.rows(self._plottedRows)
-        if rows and not self._fineTuneCancelling:  # (a closing scene cancels: plot nothing into the next one)
+        finished = task.poll()
+        cancelling = task.process.cancelling
+        rows = task.rows[self._plottedRows:]
+        if rows and not cancelling:  # (a closing scene cancels: plot nothing into the next one)
             TrainingPlot(slicer.mrmlScene).append(rows)
             self._plottedRows += len(rows)
         self.ui.fineTuneProgressBar.value = int(100 * task.fraction)
-        if not self._fineTuneCancelling:
+        if not cancelling:
             self.ui.fineTuneStatusLabel.text = task.message
-        if not task.done:
+        if not finished:
             return
         self._fineTuneTimer.stop()
         self._fineTuneTask = None
@@ -434,20 +484,21 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif task.error is not None:
             self.ui.fineTuneStatusLabel.text = _("Failed: {error}").format(error=task.error)
             slicer.util.errorDisplay(_("Fine-tuning failed: {error}").format(error=task.error))
-            logging.error("Fine-tuning failed", exc_info=task.error)
+            logging.error("Fine-tuning failed: %s", task.error)
         else:
             self._fineTuneDone(task.result)
         self._updateButtons()
 
     def _fineTuneDone(self, folder) -> None:
-        """Select the new version and, if asked, segment the input volume with it."""
+        """Select the new version and, if asked, segment the input volume with it into a new segmentation (the
+        corrected ones are never written into)."""
         self._parameterNode.model = str(folder)
         self.refreshModels()
         card = self.logic.cardOfFolder(folder)
         self.ui.fineTuneStatusLabel.text = _("New version {id} {version} selected ({folder}).").format(
             id=card.id, version=card.version, folder=folder) + "\n" + card.validation_summary()
         if self._parameterNode.segmentAfterFineTune and self._parameterNode.inputVolume:
-            self.onSegment()
+            self._startSegment(None)
 
 
 def modelSummary(card) -> str:
@@ -470,27 +521,40 @@ def modelSummary(card) -> str:
 
 
 class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
-    """Scripting API. Example::
+    """Scripting API. Blocking calls return results; ``start...`` calls return a running task (``poll()``,
+    ``fraction``, ``message``, ``cancel()``, ``wait()``, ``error``). The network runs in a worker process. ::
 
         logic = slicer.util.getModuleLogic("HybridMIMSegment")  # or HybridMIMSegmentLogic()
-        segmentationNode = logic.segment(volumeNode, model="hippocampus-cnn", device="auto", wait=True)
+        segmentationNode = logic.segment(volumeNode, model="hippocampus-cnn", device="auto")
         # ... correct it in Segment Editor, then adapt the model to it (and to unlabelled volumes):
-        folder = logic.fineTune([segmentationNode], [otherVolume], model="hippocampus-cnn", minutes=5, wait=True)
+        folder = logic.fineTune([segmentationNode], [otherVolume], model="hippocampus-cnn", minutes=5)
+        newNode = logic.segment(volumeNode)  # the new version, into a new node: the corrections stay as they are
         logic.revertModel("hippocampus-cnn", "1.0.0")  # back to the bundled version
     """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self._segmenters = {}
+        self._devices = None
 
     def getParameterNode(self):
         return HybridMIMSegmentParameterNode(super().getParameterNode())
 
     @staticmethod
-    def setupDependencies(ask: bool = True) -> bool:
+    def setupDependencies(ask: bool | None = None) -> bool:
+        """Install missing Python packages; ``ask`` None asks only in the GUI (never headless or under testing).
+        False when the user declines."""
         from HybridMIMSegmentLib.dependencies import ensure_dependencies
 
         return ensure_dependencies(ask)
+
+    def availableDevices(self) -> list[str]:
+        """Devices PyTorch sees (asked once of the worker's interpreter, and only on macOS, for mps)."""
+        if self._devices is None:
+            from HybridMIMSegmentLib.dependencies import missing_packages
+            from HybridMIMSegmentLib.worker import available_devices
+
+            self._devices = available_devices() if platform.system() == "Darwin" and not missing_packages() else []
+        return self._devices
 
     @staticmethod
     def models():
@@ -512,91 +576,74 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def resolveModel(model: str) -> Path:
-        """Folder of a model id (its newest version) or of a model folder path."""
+        """Folder of a model id (its active version) or of a model folder path."""
         from hybridmim.model_store import resolve_model
 
         return resolve_model(model)
 
-    def segment(self, volumeNode, model: str = DEFAULT_MODEL, device: str = "auto", segmentationNode=None,
-                replace: bool = True, wait: bool = True, progress=None):
-        """Segment ``volumeNode``. With ``wait`` (scripts, tests) returns the segmentation node; otherwise starts a
-        background task and returns it (``task.result`` is ``(labelmap, card)``; pass it to ``applyResult`` on the
-        main thread). The scene is changed only when the result is applied."""
-        from hybridmim.progress import CancelToken, no_progress
-        from HybridMIMSegmentLib.background import BackgroundTask
-        from HybridMIMSegmentLib.mrml_bridge import image_from_volume_node
+    @staticmethod
+    def segment(volumeNode, model: str = DEFAULT_MODEL, device: str = "auto", segmentationNode=None,
+                replace: bool = True, progress=None):
+        """Segment ``volumeNode`` and wait; returns the segmentation node holding the result: ``segmentationNode``
+        when given and safe to write into, else a new one (never a corrected segmentation, never one of another
+        volume). ``progress(fraction, message)`` is called while it runs."""
+        from HybridMIMSegmentLib.segmenting import segment
 
-        image = image_from_volume_node(volumeNode)
+        return segment(volumeNode, model, device, segmentationNode, replace, progress)
 
-        def work(report, cancel):
-            segmenter = self._segmenter(model, device)
-            return segmenter.segment(image, report, cancel), segmenter.card
+    @staticmethod
+    def startSegment(volumeNode, model: str = DEFAULT_MODEL, device: str = "auto", segmentationNode=None,
+                     replace: bool = True):
+        """Start segmenting; returns a ``SegmentTask``: ``poll()`` it from a timer, then ``apply()`` (main thread)
+        to put the result into the scene. Until then the scene is unchanged; ``cancel()`` keeps it so."""
+        from HybridMIMSegmentLib.segmenting import start_segment
 
-        if not wait:
-            return BackgroundTask(work).start()
-        labelmap, card = work(progress or no_progress, CancelToken())
-        return self.applyResult(volumeNode, labelmap, card, segmentationNode, replace)
-
-    def _segmenter(self, model: str, device: str):
-        from hybridmim.inference import Segmenter
-
-        folder = self.resolveModel(model)
-        # the weights' checksum is part of the key: a folder name can come back with other weights (a version
-        # deleted, then fine-tuned again)
-        key = (str(folder), self.cardOfFolder(folder).weights.get("sha256"), device)
-        if key not in self._segmenters:
-            self._segmenters.clear()  # keep one model in memory
-            self._segmenters[key] = Segmenter(key[0], device)
-        return self._segmenters[key]
+        return start_segment(volumeNode, model, device, segmentationNode, replace)
 
     # Fine-tuning
 
-    def fineTune(self, labeled, unlabeledVolumes=(), model: str | None = None, method: str | None = None,
-                 minutes: float | None = None, steps: int | None = None, device: str = "auto", progress=None,
-                 wait: bool = True, validation=(), modelId: str | None = None):
-        """Fine-tune ``model`` (id or folder; default the bundled one) on corrected segmentations into a new version.
+    @staticmethod
+    def fineTune(labeled, unlabeledVolumes=(), model: str = DEFAULT_MODEL, method: str | None = None,
+                 minutes: float | None = None, steps: int | None = None, device: str = "auto", validation=(),
+                 modelId: str | None = None, progress=None) -> Path:
+        """Fine-tune ``model`` (id or folder) on corrected segmentations into a new version and wait; returns its
+        folder, already the model's active version.
 
         ``labeled``: segmentation nodes, each alone (its volume is found from its reference geometry) or as
-        ``(segmentationNode, volumeNode)``. ``unlabeledVolumes``: scalar volume nodes. ``validation``: segmentations
-        held out to measure Dice. ``method``: auto (the default: bcp for a single segmentation with unlabelled
-        volumes, else supervised), supervised, mean-teacher or bcp; budget ``minutes`` and/or ``steps`` (default 5
-        minutes or 3000 steps). With ``wait`` (scripts) returns the new model folder, already the model's active
-        version; otherwise the started task
-        (``task.result`` the folder, ``task.log`` the losses, ``task.cancel()`` writes nothing). The scene is read
-        here, on the calling (main) thread, and never changed.
+        ``(segmentationNode, volumeNode)``; from now on Segment never writes into them. ``unlabeledVolumes``:
+        scalar volume nodes. ``validation``: segmentations held out to measure Dice. ``method``: auto (the
+        default: bcp for a single segmentation with unlabelled volumes, else supervised), supervised,
+        mean-teacher or bcp; budget ``minutes`` and/or ``steps`` (default 5 minutes or 3000 steps).
+        ``progress(row)`` gets each training step. The scene is read here and not changed.
         """
-        inputs = self.prepareFineTune(labeled, unlabeledVolumes, model, validation)
-        return self.startFineTune(inputs, model, method, minutes, steps, device, progress, wait, modelId)
+        from HybridMIMSegmentLib.finetuning import fine_tune
 
-    def prepareFineTune(self, labeled, unlabeledVolumes=(), model: str | None = None, validation=()):
-        """Main thread: read the chosen nodes into engine inputs (images, label maps on each volume's grid, the label
-        set and notes for the user). Raises a HybridMIMError saying what to change when they cannot be used."""
-        from HybridMIMSegmentLib.finetuning import gather_inputs
-
-        card = self.cardOfFolder(self.resolveModel(model or DEFAULT_MODEL))
-        return gather_inputs(list(labeled), list(unlabeledVolumes), card, list(validation))
-
-    def startFineTune(self, inputs, model: str | None = None, method: str | None = None, minutes: float | None = None,
-                      steps: int | None = None, device: str = "auto", progress=None, wait: bool = False,
-                      modelId: str | None = None):
-        """Run a fine-tune on ``prepareFineTune``'s inputs: in a worker thread (returns the started task) or, with
-        ``wait``, here (returns the new model folder). Settings are checked before anything starts."""
-        from HybridMIMSegmentLib.finetuning import FineTuneTask, fine_tune_settings
-
-        settings = fine_tune_settings(method, minutes, steps, labeled=len(inputs.labeled),
-                                      unlabeled=len(inputs.unlabeled))
-        task = FineTuneTask(inputs, self.resolveModel(model or DEFAULT_MODEL), settings, device, modelId)
-        if wait:
-            return Path(task.run(progress))
-        return task.start()
+        return fine_tune(labeled, unlabeledVolumes, model, method, minutes, steps, device, validation, modelId,
+                         progress)
 
     @staticmethod
-    def describeNewModel(inputs, model: str | None = None) -> str:
+    def prepareFineTune(labeled, unlabeledVolumes=(), model: str = DEFAULT_MODEL, validation=()):
+        """Main thread: read the chosen nodes into engine inputs (images, label maps on each volume's grid, the label
+        set and notes for the user). Raises a HybridMIMError saying what to change when they cannot be used."""
+        from HybridMIMSegmentLib.finetuning import prepare_fine_tune
+
+        return prepare_fine_tune(labeled, unlabeledVolumes, model, validation)
+
+    @staticmethod
+    def startFineTune(inputs, model: str = DEFAULT_MODEL, method: str | None = None, minutes: float | None = None,
+                      steps: int | None = None, device: str = "auto", modelId: str | None = None):
+        """Start a fine-tune on ``prepareFineTune``'s inputs; returns a ``FineTuneTask`` (``rows`` the steps so far,
+        ``result`` the new folder once done; ``cancel()`` writes nothing). Settings are checked first."""
+        from HybridMIMSegmentLib.finetuning import start_fine_tune_run
+
+        return start_fine_tune_run(inputs, model, method, minutes, steps, device, modelId)
+
+    @staticmethod
+    def describeNewModel(inputs, model: str = DEFAULT_MODEL) -> str:
         """The question to ask before a new label set is trained (which new model id it makes, from what)."""
         from HybridMIMSegmentLib.finetuning import describe_new_model
 
-        card = HybridMIMSegmentLogic.cardOfFolder(HybridMIMSegmentLogic.resolveModel(model or DEFAULT_MODEL))
-        return describe_new_model(inputs, card)
+        return describe_new_model(inputs, HybridMIMSegmentLogic.cardOfFolder(HybridMIMSegmentLogic.resolveModel(model)))
 
     @staticmethod
     def modelVersions(modelId: str):
@@ -612,25 +659,6 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
 
         return set_active_version(modelId, version).path
 
-    @staticmethod
-    def applyResult(volumeNode, labelmap, card, segmentationNode=None, replace: bool = True):
-        """Main thread only: write the labelmap into a (new) segmentation node referencing ``volumeNode``."""
-        from HybridMIMSegmentLib.mrml_bridge import update_segmentation_node
-
-        scene = volumeNode.GetScene()
-        created = segmentationNode is None
-        if created:
-            segmentationNode = scene.AddNewNodeByClass(
-                "vtkMRMLSegmentationNode", scene.GenerateUniqueName(f"{volumeNode.GetName()} {card.id}"))
-            segmentationNode.CreateDefaultDisplayNodes()
-        try:
-            update_segmentation_node(segmentationNode, labelmap, card.labels, volumeNode, replace)
-        except Exception:
-            if created:
-                scene.RemoveNode(segmentationNode)
-            raise
-        return segmentationNode
-
 
 #
 # Test
@@ -638,82 +666,83 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
 
 
 class HybridMIMSegmentTest(ScriptedLoadableModuleTest):
-    """Runs in Slicer (self-test, ``Testing/Slicer/run_selftest.py``): real sample, real model, real MRML. Models
-    fine-tuned here go to a temporary user models folder, never to the user's own."""
+    """Runs in Slicer: real sample, real model, real MRML, the real worker process (``PythonSlicer``). Each test
+    method stands alone (Slicer's ctest runs them one by one): ``setUp`` clears the scene, points the user models
+    folder at an empty temporary folder and installs missing Python packages without asking; ``tearDown`` puts
+    the user's folder back."""
 
     def setUp(self):
-        slicer.mrmlScene.Clear()
-
-    def runTest(self):
-        import shutil
         import tempfile
 
-        previous = os.environ.get("HYBRIDMIM_USER_MODELS")
-        os.environ["HYBRIDMIM_USER_MODELS"] = tempfile.mkdtemp(prefix="HybridMIMSegment-selftest-")
-        try:
-            self.setUp()
-            self.test_segment_sample_reaches_card_dice()
-            self.setUp()
-            self.test_oblique_volume_gets_the_same_voxels()
-            self.setUp()
-            self.test_cancel_leaves_scene_unchanged()
-            for test in (self.test_fine_tune_makes_an_active_version_and_revert_restores,
-                         self.test_cancelled_fine_tune_writes_nothing, self.test_fine_tune_from_the_module_panel):
-                self._emptyUserModels()
-                self.setUp()
-                test()
-        finally:
-            shutil.rmtree(os.environ["HYBRIDMIM_USER_MODELS"], ignore_errors=True)
-            if previous is None:
-                del os.environ["HYBRIDMIM_USER_MODELS"]
-            else:
-                os.environ["HYBRIDMIM_USER_MODELS"] = previous
+        slicer.mrmlScene.Clear()
+        self._previousUserModels = os.environ.get("HYBRIDMIM_USER_MODELS")
+        self._userModels = tempfile.mkdtemp(prefix="HybridMIMSegment-selftest-")
+        os.environ["HYBRIDMIM_USER_MODELS"] = self._userModels
+        self.logic = HybridMIMSegmentLogic()
+        self.assertTrue(self.logic.setupDependencies(ask=False))
 
-    @staticmethod
-    def _emptyUserModels():
+    def tearDown(self):
         import shutil
 
-        folder = Path(os.environ["HYBRIDMIM_USER_MODELS"])
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
+        if self._previousUserModels is None:
+            os.environ.pop("HYBRIDMIM_USER_MODELS", None)
+        else:
+            os.environ["HYBRIDMIM_USER_MODELS"] = self._previousUserModels
+        shutil.rmtree(self._userModels, ignore_errors=True)
+
+    def runTest(self):
+        """Reload and Test: every test method, each set up and torn down."""
+        for name in sorted(n for n in dir(self) if n.startswith("test_")):
+            self.setUp()
+            try:
+                getattr(self, name)()
+            finally:
+                self.tearDown()
 
     def _loadSample(self):
         volume = slicer.util.loadVolume(str(resourceFile("Samples", "hippocampus_017.nii.gz")))
         reference = slicer.util.loadLabelVolume(str(resourceFile("Samples", "hippocampus_017.label.nii.gz")))
         return volume, reference
 
+    @staticmethod
+    def _labels(segmentation, volume):
+        from HybridMIMSegmentLib.mrml_bridge import labelmap_array_from_segmentation
+
+        ids = [segmentation.GetSegmentation().GetNthSegmentID(i)
+               for i in range(segmentation.GetSegmentation().GetNumberOfSegments())]
+        return labelmap_array_from_segmentation(segmentation, ids, volume)
+
+    def test_sample_is_in_sample_data(self):
+        import SampleData
+
+        registerSampleData()
+        volume = SampleData.SampleDataLogic().downloadSample(SAMPLE_NAME)
+        self.assertIsNotNone(volume)
+        self.assertEqual(volume.GetImageData().GetDimensions(), (35, 48, 32))
+
     def test_segment_sample_reaches_card_dice(self):
         import numpy as np
 
         from hybridmim.metrics import dice_per_label
-        from HybridMIMSegmentLib.mrml_bridge import labelmap_array_from_segmentation
 
         self.delayDisplay("Segmenting the sample")
-        logic = HybridMIMSegmentLogic()
-        self.assertTrue(logic.setupDependencies(ask=False))
         volume, reference = self._loadSample()
-        segmentation = logic.segment(volume, model=DEFAULT_MODEL, device="auto", wait=True)
-        card = logic.cardOfFolder(logic.resolveModel(DEFAULT_MODEL))
-        names = [segmentation.GetSegmentation().GetNthSegment(i).GetName()
-                 for i in range(segmentation.GetSegmentation().GetNumberOfSegments())]
+        segmentation = self.logic.segment(volume, model=DEFAULT_MODEL)
+        card = self.logic.cardOfFolder(self.logic.resolveModel(DEFAULT_MODEL))
+        segments = segmentation.GetSegmentation()
+        names = [segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments())]
         self.assertEqual(names, [label.name for label in card.labels])
-        ids = [segmentation.GetSegmentation().GetNthSegmentID(i) for i in range(len(names))]
-        labels = labelmap_array_from_segmentation(segmentation, ids, volume)
-        dice = dice_per_label(labels, slicer.util.arrayFromVolume(reference), [1, 2])
+        self.assertFalse(segments.GetNthSegment(0).GetNameAutoGenerated())
+        dice = dice_per_label(self._labels(segmentation, volume), slicer.util.arrayFromVolume(reference), [1, 2])
         self.assertGreaterEqual(float(np.mean(list(dice.values()))), card.metrics["dice"]["mean"] - 0.05)
         self.delayDisplay(f"Dice {dice}")
 
-    def test_oblique_volume_gets_the_same_voxels(self):
+    def test_transformed_volume_gets_the_same_voxels(self):
+        """Oblique grid, a rotated and translated parent transform, and a transform hierarchy: same labels."""
         import numpy as np
 
-        from HybridMIMSegmentLib.mrml_bridge import labelmap_array_from_segmentation
-
-        logic = HybridMIMSegmentLogic()
         volume, _reference = self._loadSample()
-        straight = logic.segment(volume, wait=True)
-        ids = [straight.GetSegmentation().GetNthSegmentID(i) for i in range(2)]
-        expected = labelmap_array_from_segmentation(straight, ids, volume)
-
+        expected = self._labels(self.logic.segment(volume), volume)
         matrix = vtk.vtkMatrix4x4()
         volume.GetIJKToRASMatrix(matrix)
         rotation = vtk.vtkTransform()
@@ -722,85 +751,104 @@ class HybridMIMSegmentTest(ScriptedLoadableModuleTest):
         rotated = vtk.vtkMatrix4x4()
         vtk.vtkMatrix4x4.Multiply4x4(rotation.GetMatrix(), matrix, rotated)
         volume.SetIJKToRASMatrix(rotated)
-        oblique = logic.segment(volume, wait=True)
-        ids = [oblique.GetSegmentation().GetNthSegmentID(i) for i in range(2)]
-        self.assertTrue(np.array_equal(labelmap_array_from_segmentation(oblique, ids, volume), expected))
+        self.assertTrue(np.array_equal(self._labels(self.logic.segment(volume), volume), expected))
+
+        outer, inner = (slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode") for _ in range(2))
+        for node, (dx, angle) in ((outer, (15.0, 30.0)), (inner, (-4.0, -20.0))):
+            transform = vtk.vtkTransform()
+            transform.Translate(dx, 7.0, -3.0)
+            transform.RotateY(angle)
+            node.SetMatrixTransformToParent(transform.GetMatrix())
+        volume.SetAndObserveTransformNodeID(outer.GetID())
+        self.assertTrue(np.array_equal(self._labels(self.logic.segment(volume), volume), expected))
+        inner.SetAndObserveTransformNodeID(outer.GetID())
+        volume.SetAndObserveTransformNodeID(inner.GetID())
+        segmentation = self.logic.segment(volume)
+        self.assertEqual(segmentation.GetTransformNodeID(), inner.GetID())
+        self.assertTrue(np.array_equal(self._labels(segmentation, volume), expected))
 
     def test_cancel_leaves_scene_unchanged(self):
         from hybridmim.errors import Cancelled
 
-        logic = HybridMIMSegmentLogic()
         volume, _reference = self._loadSample()
-        before = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
-        task = logic.segment(volume, wait=False)
+        before = slicer.mrmlScene.GetNumberOfNodes()
+        task = self.logic.startSegment(volume)
         task.cancel()
-        task.wait()
-        if task.error is None:  # finished before the cancel landed: the result must still not be in the scene
-            self.assertIsNotNone(task.result)
+        self.assertTrue(task.wait(120))
+        if task.error is None:  # ended before the cancel landed: the result is simply not applied
+            task.process.cleanup()
         else:
             self.assertIsInstance(task.error, Cancelled)
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), before)
+        self.assertFalse(task.process.folder.exists())
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
 
     def _correctedSample(self):
         """The sample, segmented, then 'corrected' to its reference labels (what a user does in Segment Editor)."""
         from HybridMIMSegmentLib.mrml_bridge import image_from_volume_node, update_segmentation_node
 
-        logic = HybridMIMSegmentLogic()
-        self.assertTrue(logic.setupDependencies(ask=False))
         volume, reference = self._loadSample()
-        segmentation = logic.segment(volume, model=DEFAULT_MODEL, wait=True)
-        card = logic.cardOfFolder(logic.resolveModel(DEFAULT_MODEL))
+        segmentation = self.logic.segment(volume, model=DEFAULT_MODEL)
+        card = self.logic.cardOfFolder(self.logic.resolveModel(DEFAULT_MODEL))
         update_segmentation_node(segmentation, image_from_volume_node(reference), card.labels, volume, replace=True)
         slicer.mrmlScene.RemoveNode(reference)
-        return logic, volume, segmentation
+        return volume, segmentation
 
-    def test_fine_tune_makes_an_active_version_and_revert_restores(self):
+    def test_fine_tune_keeps_corrections_and_revert_restores(self):
+        import numpy as np
+
         self.delayDisplay("Fine-tuning on a corrected segmentation")
-        logic, volume, segmentation = self._correctedSample()
-        bundled = logic.modelVersions(DEFAULT_MODEL)[0].path
+        volume, segmentation = self._correctedSample()
+        corrected = self._labels(segmentation, volume)
+        bundled = self.logic.modelVersions(DEFAULT_MODEL)[0].path
         nodes = slicer.mrmlScene.GetNumberOfNodes()
-        folder = logic.fineTune([segmentation], model=DEFAULT_MODEL, method="supervised", steps=3, device="auto",
-                                wait=True)
+        folder = self.logic.fineTune([segmentation], model=DEFAULT_MODEL, method="supervised", steps=3)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes)
-        card = logic.cardOfFolder(folder)
+        card = self.logic.cardOfFolder(folder)
         self.assertEqual(card.id, DEFAULT_MODEL)
         self.assertEqual(card.training["parent"]["version"], "1.0.0")
-        self.assertEqual(logic.resolveModel(DEFAULT_MODEL), folder)
-        self.assertEqual(logic.modelVersions(DEFAULT_MODEL)[-1].path, folder)
-        self.assertIsNotNone(logic.segment(volume, model=DEFAULT_MODEL, wait=True))  # the new version segments
+        self.assertEqual(self.logic.resolveModel(DEFAULT_MODEL), folder)
 
-        self.assertEqual(logic.revertModel(DEFAULT_MODEL, "1.0.0"), bundled)
-        self.assertEqual(logic.resolveModel(DEFAULT_MODEL), bundled)
+        again = self.logic.segment(volume, model=DEFAULT_MODEL, segmentationNode=segmentation)
+        self.assertIsNot(again, segmentation)  # the corrected segmentation is never written into
+        self.assertTrue(np.array_equal(self._labels(segmentation, volume), corrected))
+
+        self.assertEqual(self.logic.revertModel(DEFAULT_MODEL, "1.0.0"), bundled)
+        self.assertEqual(self.logic.resolveModel(DEFAULT_MODEL), bundled)
 
     def test_cancelled_fine_tune_writes_nothing(self):
         import time
 
         from hybridmim.errors import Cancelled
 
-        logic, _volume, segmentation = self._correctedSample()
+        volume, segmentation = self._correctedSample()
         nodes = slicer.mrmlScene.GetNumberOfNodes()
-        task = logic.fineTune([segmentation], method="supervised", steps=100000, wait=False)
+        task = self.logic.startFineTune(self.logic.prepareFineTune([segmentation]), method="supervised",
+                                        steps=100000)
         deadline = time.monotonic() + 300
-        while not len(task.log) and not task.done and time.monotonic() < deadline:
-            task.wait(0.1)
+        while not task.rows and not task.poll() and time.monotonic() < deadline:
+            time.sleep(0.1)
         task.cancel()
         self.assertTrue(task.wait(300))
         self.assertIsInstance(task.error, Cancelled)
-        self.assertEqual(list(logic.userModelsFolder().glob("*/card.json")), [])
+        self.assertEqual(list(self.logic.userModelsFolder().glob("*/card.json")), [])
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes)
 
     def test_fine_tune_from_the_module_panel(self):
         """Check the corrected segmentation, click Fine-tune, wait (GUI responsive: events are processed), then the
-        new version is selected, the plot has points, Segment ran again; Use this version reverts."""
+        new version is selected, the plot has points, Segment ran again into a new node; revert works."""
         import time
+
+        import numpy as np
 
         from HybridMIMSegmentLib.plotting import TrainingPlot
 
-        logic, volume, segmentation = self._correctedSample()
+        volume, segmentation = self._correctedSample()
+        corrected = self._labels(segmentation, volume)
         widget = slicer.util.getModuleWidget("HybridMIMSegment")
         widget.enter()
-        parameters = logic.getParameterNode()
+        parameters = self.logic.getParameterNode()
         parameters.inputVolume = volume
+        parameters.outputSegmentation = segmentation
         parameters.model = DEFAULT_MODEL
         parameters.fineTuneMethod = "supervised"
         parameters.fineTuneMinutes = 0.1
@@ -820,18 +868,20 @@ class HybridMIMSegmentTest(ScriptedLoadableModuleTest):
         self.assertIsNone(widget._fineTuneTask)
         self.assertIsNone(widget._task)
 
-        card = logic.cardOfFolder(parameters.model)
+        card = self.logic.cardOfFolder(parameters.model)
         self.assertIn("-ft.", card.version)
-        self.assertEqual(str(logic.resolveModel(DEFAULT_MODEL)), parameters.model)
+        self.assertEqual(str(self.logic.resolveModel(DEFAULT_MODEL)), parameters.model)
         chart = TrainingPlot(slicer.mrmlScene).chart_node()
         lossTable = slicer.mrmlScene.GetNodeByID(chart.GetNthPlotSeriesNode(0).GetTableNodeID())
         self.assertGreater(lossTable.GetNumberOfRows(), 0)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), segmentations + 1)
+        self.assertIsNot(parameters.outputSegmentation, segmentation)
+        self.assertTrue(np.array_equal(self._labels(segmentation, volume), corrected))
         self.assertEqual(widget.ui.versionSelector.count, 2)
 
         widget.ui.versionSelector.currentIndex = 0
         self.assertTrue(widget.ui.revertButton.enabled)
         widget.ui.revertButton.click()
-        bundled = logic.modelVersions(DEFAULT_MODEL)[0].path
-        self.assertEqual(logic.resolveModel(DEFAULT_MODEL), bundled)
+        bundled = self.logic.modelVersions(DEFAULT_MODEL)[0].path
+        self.assertEqual(self.logic.resolveModel(DEFAULT_MODEL), bundled)
         self.assertEqual(parameters.model, str(bundled))

@@ -1,88 +1,120 @@
-"""Python packages the engine needs inside Slicer, installed once, on request, never at import time.
+"""Python packages the worker process needs, installed into Slicer's Python once, on request, never at import time.
 
-torch comes from the PyTorch extension (PyTorchUtils picks the CUDA build that fits the driver); the other
-packages from PyPI, without replacing Slicer's own numpy or SimpleITK.
+torch comes from the PyTorch extension (PyTorchUtils picks the CUDA build that fits the driver), at a version the
+installed MONAI accepts; the other packages from PyPI, without replacing Slicer's own numpy or SimpleITK. Versions
+are read from package metadata: Slicer's process never imports torch or MONAI (the worker does).
+
+One confirmation in the GUI; none in headless or testing runs, where the packages are installed (not skipped:
+a test of the module needs them).
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import importlib.metadata
 import logging
 
 import slicer
+from packaging.requirements import Requirement
+from packaging.version import InvalidVersion, Version
 
 logger = logging.getLogger(__name__)
 
-#: import name -> pip requirement of what the engine uses in Slicer (the CLI's tqdm/pillow are not needed).
-#: numpy and SimpleITK are Slicer's own and never installed here.
-REQUIREMENTS = {
-    "monai": "monai>=1.4,<1.7",
-    "safetensors": "safetensors>=0.4",
-    "slicerio": "slicerio>=1.4",
-    "einops": "einops>=0.7",
-}
+#: What the worker imports in Slicer's Python (the CLI's tqdm/pillow come with it). numpy, SimpleITK and torch
+#: are not installed from PyPI here: the first two are Slicer's own, torch comes from the PyTorch extension.
+REQUIREMENTS = ["monai>=1.4,<1.7", "safetensors>=0.4", "slicerio>=1.4", "einops>=0.7", "tqdm>=4.60", "pillow>=10"]
 SLICER_OWNED = ["numpy", "SimpleITK", "torch", "vtk"]
-MINIMUM_TORCH = "2.3"
+#: torch when MONAI is not installed yet: what MONAI 1.6 (the newest the engine accepts) declares.
+TORCH_FALLBACK = "torch>=2.8"
+
+
+def installed_version(distribution: str) -> Version | None:
+    try:
+        return Version(importlib.metadata.version(distribution))
+    except (importlib.metadata.PackageNotFoundError, InvalidVersion):
+        return None
+
+
+def torch_requirement() -> Requirement:
+    """The torch the installed MONAI declares (its unconditional requirement), else ``TORCH_FALLBACK``."""
+    try:
+        declared = importlib.metadata.requires("monai") or []
+    except importlib.metadata.PackageNotFoundError:
+        declared = []
+    for text in declared:
+        requirement = Requirement(text)
+        if requirement.name == "torch" and requirement.marker is None:
+            return requirement
+    return Requirement(TORCH_FALLBACK)
+
+
+def unmet(requirement: Requirement) -> str | None:
+    """Why ``requirement`` is not met now (None when it is)."""
+    version = installed_version(requirement.name)
+    if version is None:
+        return f"{requirement} (not installed)"
+    if requirement.specifier and not requirement.specifier.contains(version, prereleases=True):
+        return f"{requirement} (installed: {version})"
+    return None
 
 
 def missing_packages() -> list[str]:
-    """Requirements that are not importable now (torch reported by its import name)."""
-    missing = [] if importlib.util.find_spec("torch") else ["torch"]
-    return missing + [req for name, req in REQUIREMENTS.items() if importlib.util.find_spec(name) is None]
+    """Each requirement that is not met, with why; torch first."""
+    reasons = [unmet(torch_requirement()), *(unmet(Requirement(text)) for text in REQUIREMENTS)]
+    return [reason for reason in reasons if reason]
 
 
-def ensure_dependencies(ask: bool = True) -> bool:
-    """Install what is missing after one confirmation. Returns False when the user declines."""
+def should_ask() -> bool:
+    """Ask only a person at the GUI: not in headless (--no-main-window) or testing runs."""
+    app = slicer.app
+    return not app.testingEnabled() and not app.commandOptions().noMainWindow
+
+
+def ensure_dependencies(ask: bool | None = None) -> bool:
+    """Install what is missing after one confirmation (``ask`` None: only in the GUI). False when declined."""
     missing = missing_packages()
     if not missing:
         return True
+    if ask is None:
+        ask = should_ask()
     if ask and not slicer.util.confirmOkCancelDisplay(
             "HybridMIMSegment needs these Python packages, which will be installed now (this may take several "
-            f"minutes and needs internet once):\n\n{', '.join(missing)}",
-            "Install Python packages?"):
+            "minutes and needs internet once):\n\n" + "\n".join(missing), "Install Python packages?"):
         return False
-    if "torch" in missing:
-        _install_torch()
-    others = [req for req in missing if req != "torch"]
-    if others:
-        with slicer.util.WaitCursor():
-            _pip_install(others)
+    with slicer.util.WaitCursor():
+        if unmet(torch_requirement()):
+            _install_torch(torch_requirement())
+        _pip_install([text for text in REQUIREMENTS if unmet(Requirement(text))])
+        if unmet(torch_requirement()):  # the MONAI just installed may want a newer torch than the fallback
+            _install_torch(torch_requirement())
     still_missing = missing_packages()
     if still_missing:
-        raise RuntimeError(f"These packages could not be installed: {', '.join(still_missing)}")
+        raise RuntimeError("These packages could not be installed: " + "; ".join(still_missing))
     return True
 
 
-def _install_torch() -> None:
+def _install_torch(requirement: Requirement) -> None:
     try:
         import PyTorchUtils
     except ModuleNotFoundError as error:
         raise RuntimeError("HybridMIMSegment needs the PyTorch extension: install 'PyTorch' from the Extensions "
                            "Manager, restart Slicer, and try again.") from error
-    torch_logic = PyTorchUtils.PyTorchUtilsLogic()
-    if not torch_logic.torchInstalled():
-        logger.info("Installing PyTorch through the PyTorch extension")
-        if torch_logic.installTorch(askConfirmation=False, torchVersionRequirement=f">={MINIMUM_TORCH}") is None:
-            raise RuntimeError("PyTorch was not installed; use the 'PyTorch Util' module to install it.")
+    logger.info("Installing %s through the PyTorch extension", requirement)
+    installed = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                               torchVersionRequirement=str(requirement.specifier))
+    if installed is None:
+        raise RuntimeError(f"PyTorch ({requirement}) was not installed; use the 'PyTorch Util' module to install "
+                           "it, then restart Slicer.")
 
 
 def _pip_install(requirements: list[str]) -> None:
-    packaging = _slicer_packaging()
-    if packaging is not None and hasattr(packaging, "pip_ensure"):  # Slicer 5.11+
-        from packaging.requirements import Requirement
-
-        packaging.pip_ensure([Requirement(r) for r in requirements], skip_packages=SLICER_OWNED,
-                             requester="HybridMIMSegment")
-    else:
+    if not requirements:
+        return
+    try:
+        pip_ensure = importlib.import_module("slicer.packaging").pip_ensure  # Slicer 5.12+
+    except (ImportError, AttributeError):
         slicer.util.pip_install(requirements)
-
-
-def _slicer_packaging():
-    """Slicer's package helper module: ``slicer.packaging`` (current) or ``slicer.pydeps`` (5.11)."""
-    for name in ("slicer.packaging", "slicer.pydeps"):
-        try:
-            return importlib.import_module(name)
-        except ImportError:
-            continue
-    return None
+        return
+    # asked already (or not to be asked); installed under --testing too; nothing imported, so no restart needed
+    pip_ensure([Requirement(text) for text in requirements], skip_packages=SLICER_OWNED, prompt_install=False,
+               prompt_restart=False, skip_in_testing=False, requester="HybridMIMSegment")

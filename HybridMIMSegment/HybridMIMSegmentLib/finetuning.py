@@ -1,47 +1,36 @@
 """Fine-tuning from the scene: corrected segmentations (with their volumes) and unlabelled volumes become the
-engine's inputs; the run goes to a background task that keeps a log of its losses for the live plot.
+engine's inputs; the run goes to a worker process (``hybridmim finetune``) whose steps feed the live plot.
 
-Why here and not in the engine: this is the MRML side. The scene is read once, on the main thread, before the
-worker starts (MRML is not thread-safe); the worker only ever sees SimpleITK images. Uses MRML data classes only
-(no Qt, no application), so it runs in Slicer and, for tests, with ``slicer-core``. Importing it does not import
-torch (the engine's training code is imported when a run starts), so the module GUI opens before the Python
-packages are installed.
+Why here and not in the engine: this is the MRML side. The scene is read once, on the main thread, and written as
+files with their exact geometry to the worker's private folder; the worker never sees MRML. Uses MRML data
+classes only (no Qt, no application), so it runs in Slicer and, for tests, with ``slicer-core``. Never imports
+torch: Slicer's process only reads cards and nodes.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-import slicer
-import vtk
 
 from hybridmim.errors import HybridMIMError
+from hybridmim.finetune_plan import target_card
+from hybridmim.methods import check_budget, default_budget, resolve_method
 from hybridmim.model_card import ModelCard
+from hybridmim.model_store import DEFAULT_MODEL, resolve_model
 
-from .background import BackgroundTask
-from .mrml_bridge import image_from_volume_node, labelmap_array_from_segmentation
-
-if TYPE_CHECKING:
-    from hybridmim.progress import CancelToken, ProgressCallback
-    from hybridmim.trainer import TrainProgress, TrainSettings
-
-#: Display names of the engine's methods (``hybridmim.methods.METHODS``; a test keeps the two in step).
-METHOD_LABELS = {"auto": "Automatic", "supervised": "Supervised", "mean-teacher": "Mean Teacher", "bcp": "BCP"}
-METHOD_TOOLTIPS = {
-    "auto": "BCP for a single corrected segmentation with unlabelled volumes, otherwise Supervised: what measured "
-            "best on the left-atrium benchmark for a few minutes of training (see the README).",
-    "supervised": "Learns from the corrected segmentations only. Needs no unlabelled volumes.",
-    "mean-teacher": "Also learns from the unlabelled volumes: a slowly averaged copy of the network labels them "
-                    "and the network learns its confident voxels on perturbed views.",
-    "bcp": "Bidirectional copy-paste: boxes are swapped between corrected and unlabelled volumes; the averaged "
-           "copy labels the pasted unlabelled voxels.",
-}
+from .mrml_bridge import (
+    image_from_volume_node,
+    is_grey_volume,
+    labelmap_array_from_segmentation,
+    reference_volume_node,
+)
+from .segmenting import mark_corrected
+from .worker import Record, WorkerProcess
 
 
 class FineTuneInputError(HybridMIMError):
@@ -49,59 +38,6 @@ class FineTuneInputError(HybridMIMError):
 
 
 # Scene -> engine inputs
-
-
-def reference_volume_node(segmentation_node):
-    """The volume a segmentation was drawn on, or None when that cannot be known.
-
-    First the segmentation's reference-geometry node reference (set by Segment Editor and by Segment in this
-    module); else, for a segmentation loaded from a file (no node reference), the one scalar volume in the scene
-    whose grid equals the segmentation's stored reference geometry.
-    """
-    referenced = segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole())
-    if _is_grey_volume(referenced):
-        return referenced
-    stored = _parse_geometry(segmentation_node.GetSegmentation().GetConversionParameter(
-        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()))
-    scene = segmentation_node.GetScene()
-    if stored is None or scene is None:
-        return None
-    volumes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
-    matches = []
-    for i in range(volumes.GetNumberOfItems()):
-        volume = volumes.GetItemAsObject(i)
-        if (_is_grey_volume(volume)
-                and volume.GetParentTransformNode() is segmentation_node.GetParentTransformNode()
-                and _same_geometry(stored, _volume_geometry(volume))):
-            matches.append(volume)
-    return matches[0] if len(matches) == 1 else None
-
-
-def _is_grey_volume(node) -> bool:
-    return (node is not None and node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode")
-            and node.GetImageData() is not None)
-
-
-def _parse_geometry(serialized: str) -> tuple[np.ndarray, tuple[int, ...]] | None:
-    """Slicer's serialised image geometry: 16 IJK-to-RAS matrix values then the 6 extent values."""
-    try:
-        values = [float(v) for v in serialized.split(";") if v.strip()]
-    except (AttributeError, ValueError):
-        return None
-    if len(values) != 22:
-        return None
-    return np.array(values[:16]).reshape(4, 4), tuple(int(round(v)) for v in values[16:])
-
-
-def _volume_geometry(volume_node) -> tuple[np.ndarray, tuple[int, ...]] | None:
-    matrix = vtk.vtkMatrix4x4()
-    volume_node.GetIJKToRASMatrix(matrix)
-    return _parse_geometry(slicer.vtkSegmentationConverter.SerializeImageGeometry(matrix, volume_node.GetImageData()))
-
-
-def _same_geometry(a, b) -> bool:
-    """Same grid; the tolerance absorbs the float formatting of serialised geometry (files round-trip it)."""
-    return b is not None and a[1] == b[1] and np.allclose(a[0], b[0], rtol=1e-6, atol=1e-4)
 
 
 def segment_names(segmentation_node) -> list[tuple[str, str]]:
@@ -185,6 +121,7 @@ class FineTuneInputs:
     validation: list[tuple[sitk.Image, sitk.Image]] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    segmentation_nodes: list[Any] = field(default_factory=list)  # the corrected ones (training and held out)
 
     def summary(self) -> str:
         text = (f"{len(self.labeled)} corrected segmentation(s) ({', '.join(self.label_set.structures)}), "
@@ -211,7 +148,7 @@ def _resolve_volume(segmentation_node, volume_node):
         raise FineTuneInputError(f"Cannot tell which volume segmentation '{segmentation_node.GetName()}' was drawn "
                                  "on: give the volume with it (Python: (segmentation, volume)), or select its volume "
                                  "as Segment Editor's source volume once")
-    if not _is_grey_volume(volume):
+    if not is_grey_volume(volume):
         raise FineTuneInputError(f"'{volume.GetName()}' is not a grey-level volume with image data")
     return volume
 
@@ -260,31 +197,36 @@ def gather_inputs(labeled: Sequence[Any], unlabeled_volumes: Sequence[Any], card
         if volume.GetID() in labeled_volume_ids:
             notes.append(f"'{volume.GetName()}' has a corrected segmentation; it is not also used as unlabelled.")
             continue
-        if not _is_grey_volume(volume):
+        if not is_grey_volume(volume):
             raise FineTuneInputError(f"Unlabelled volume '{volume.GetName()}' is not a grey-level volume")
         unlabeled.append(image_from_volume_node(volume))
     return FineTuneInputs(images[:len(pairs)], unlabeled, label_set, images[len(pairs):],
-                          [f"{s.GetName()} on {v.GetName()}" for s, v in resolved], notes)
+                          [f"{s.GetName()} on {v.GetName()}" for s, v in resolved], notes, [s for s, _ in resolved])
 
 
 # The run
 
 
-def fine_tune_settings(method: str | None = None, minutes: float | None = None, steps: int | None = None,
-                       labeled: int = 1, unlabeled: int = 0) -> TrainSettings:
-    """The engine's settings, checked now (on the main thread) so that a bad choice is reported before a worker
-    starts; no method means the engine's default (supervised without unlabelled volumes)."""
-    from hybridmim.finetune import settings_from
+@dataclass(frozen=True)
+class FineTuneChoice:
+    """The method and budget of a run, resolved and checked on the main thread (torch-free) so that a bad choice
+    is reported before a worker starts."""
 
-    settings = settings_from(method=method, steps=steps, minutes=minutes, labeled=labeled, unlabeled=unlabeled)
-    settings.check(unlabeled)
-    return settings
+    method: str
+    steps: int | None
+    minutes: float | None
+
+
+def fine_tune_settings(method: str | None = None, minutes: float | None = None, steps: int | None = None,
+                       labeled: int = 1, unlabeled: int = 0) -> FineTuneChoice:
+    """No method (or 'auto') means the engine's default for these counts; no budget its default budget."""
+    steps, minutes = default_budget(steps, minutes)
+    check_budget(steps, minutes)
+    return FineTuneChoice(resolve_method(method, labeled, unlabeled), steps, minutes)
 
 
 def describe_new_model(inputs: FineTuneInputs, card: ModelCard) -> str:
     """What the user is asked to confirm before a new label set is trained (the engine's own naming)."""
-    from hybridmim.finetune import target_card
-
     target, _ = target_card(card, inputs.label_set.label_names, None)
     return (f"The corrected segmentations name {_quoted(inputs.label_set.structures)}, not the labels of "
             f"'{card.id}' ({_quoted([label.name for label in card.labels])}).\n\nA new model '{target.id}' "
@@ -294,6 +236,8 @@ def describe_new_model(inputs: FineTuneInputs, card: ModelCard) -> str:
 
 @dataclass
 class LogRow:
+    """One training step as the worker reported it (the live plot's data)."""
+
     step: int
     seconds: float
     fraction: float
@@ -302,28 +246,13 @@ class LogRow:
     learning_rate: float
     validation_dice: float | None
 
-
-class TrainingLog:
-    """The run's progress reports, appended by the worker and read by the GUI timer (a lock, no Qt/MRML)."""
-
-    def __init__(self) -> None:
-        self._rows: list[LogRow] = []
-        self._lock = threading.Lock()
-
-    def record(self, progress: TrainProgress) -> LogRow:
-        row = LogRow(progress.step, progress.seconds, progress.fraction, float(sum(progress.losses.values())),
-                     dict(progress.losses), progress.learning_rate, progress.validation_dice)
-        with self._lock:
-            self._rows.append(row)
-        return row
-
-    def rows(self, start: int = 0) -> list[LogRow]:
-        with self._lock:
-            return self._rows[start:]
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._rows)
+    @classmethod
+    def from_record(cls, record: Record) -> LogRow:
+        losses = {str(k): float(v) for k, v in (record.get("losses") or {}).items() if v is not None}
+        dice = record.get("validation_dice")
+        return cls(int(record["step"]), float(record.get("seconds") or 0.0), float(record.get("fraction") or 0.0),
+                   float(sum(losses.values())), losses, float(record.get("learning_rate") or 0.0),
+                   None if dice is None else float(dice))
 
 
 def progress_message(row: LogRow) -> str:
@@ -342,33 +271,132 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
-class FineTuneTask(BackgroundTask):
-    """A fine-tuning run: ``result`` is the new model folder (already the active version of its id), ``log`` the
-    losses so far, ``inputs`` what it was given. Cancelling writes nothing (the engine guarantees it)."""
+def _write(image: sitk.Image, path: Path) -> str:
+    sitk.WriteImage(image, str(path), useCompression=False)
+    return str(path)
 
-    def __init__(self, inputs: FineTuneInputs, model: str | Path, settings: TrainSettings, device: str = "auto",
-                 model_id: str | None = None) -> None:
-        super().__init__(self._fine_tune, name="HybridMIMSegment fine-tuning")
-        self.inputs, self.model, self.settings, self.device, self.model_id = inputs, model, settings, device, model_id
-        self.log = TrainingLog()
 
-    def _fine_tune(self, report: ProgressCallback, cancel: CancelToken) -> Path:
-        from hybridmim.finetune import fine_tune
+class FineTuneTask:
+    """A fine-tuning run in a worker process (``hybridmim finetune``). Construct on the main thread: the inputs
+    are written to the worker's private folder and the worker starts. ``poll`` (GUI timer) or ``wait`` advance it;
+    ``rows`` are the steps so far, ``result`` the new model folder (already the active version of its id).
+    Cancel writes nothing: the worker unwinds on SIGTERM, is killed after a grace period, and the engine only
+    renames a complete model folder into place."""
 
-        state = {"fraction": 0.0}
+    def __init__(self, inputs: FineTuneInputs, model: str | Path, choice: FineTuneChoice, device: str = "auto",
+                 model_id: str | None = None, seed: int = 0) -> None:
+        self.inputs, self.model, self.choice = inputs, Path(model), choice
+        self.rows: list[LogRow] = []
+        self.fraction, self.message = 0.0, "Starting the worker"
+        self.process = WorkerProcess("finetune")
+        try:
+            self.process.start(self._arguments(device, model_id, seed))
+        except BaseException:
+            self.process.cleanup()
+            raise
 
-        def on_progress(progress: TrainProgress) -> None:
-            row = self.log.record(progress)
-            state["fraction"] = progress.fraction
-            report(progress.fraction, progress_message(row))
+    def _arguments(self, device: str, model_id: str | None, seed: int) -> list[str]:
+        folder, inputs, choice = self.process.folder, self.inputs, self.choice
 
-        def on_status(message: str) -> None:
-            report(state["fraction"], message)
+        def pairs(kind: str, items: Sequence[tuple[sitk.Image, sitk.Image]]) -> list[str]:
+            return [f"{_write(image, folder / f'{kind}-{i + 1}.nrrd')}:"
+                    f"{_write(label, folder / f'{kind}-{i + 1}_label.nrrd')}" for i, (image, label) in enumerate(items)]
 
-        inputs = self.inputs
-        return fine_tune(self.model, inputs.labeled, inputs.unlabeled, self.settings, validation=inputs.validation,
-                         label_names=inputs.label_set.label_names, model_id=self.model_id, device=self.device,
-                         progress=on_progress, cancel=cancel, status=on_status)
+        arguments = ["finetune", "--model", str(self.model), "--labeled", *pairs("labelled", inputs.labeled),
+                     "--method", choice.method, "--device", device, "--seed", str(seed)]
+        if inputs.unlabeled:
+            arguments += ["--unlabeled", *(_write(image, folder / f"unlabelled-{i + 1}.nrrd")
+                                           for i, image in enumerate(inputs.unlabeled))]
+        if inputs.validation:
+            arguments += ["--validation", *pairs("validation", inputs.validation)]
+        if choice.steps is not None:
+            arguments += ["--steps", str(choice.steps)]
+        if choice.minutes is not None:
+            arguments += ["--minutes", repr(float(choice.minutes))]
+        if inputs.label_set.label_names is not None:
+            arguments += ["--labels", *inputs.label_set.label_names]
+        if model_id:
+            arguments += ["--id", model_id]
+        return arguments
+
+    @property
+    def done(self) -> bool:
+        return self.process.done
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.process.error
+
+    @property
+    def result(self) -> Path | None:
+        return Path(self.process.result["folder"]) if self.process.result else None
+
+    def poll(self) -> bool:
+        """Read the worker's news (steps, status); True once it has ended. The folder is removed when it ends."""
+        self._take(self.process.poll())
+        if self.process.done:
+            self.process.cleanup()
+        return self.process.done
+
+    def _take(self, records: list[Record]) -> None:
+        for record in records:
+            if record["event"] == "step":
+                row = LogRow.from_record(record)
+                self.rows.append(row)
+                self.fraction, self.message = row.fraction, progress_message(row)
+            elif record["event"] == "status":
+                self.message = str(record.get("message", ""))
+
+    def cancel(self) -> None:
+        self.process.cancel()
+        self.message = "Cancelling"
+
+    def wait(self, timeout: float | None = None, progress: Callable[[LogRow], None] | None = None) -> bool:
+        """Block until done (True) or ``timeout`` seconds passed (False); ``progress`` gets each new step."""
+        def on_records(records: list[Record]) -> None:
+            before = len(self.rows)
+            self._take(records)
+            for row in self.rows[before:] if progress is not None else ():
+                progress(row)
+
+        finished = self.process.wait(timeout, on_records)
+        if finished:
+            self.process.cleanup()
+        return finished
+
+    def finish(self, progress: Callable[[LogRow], None] | None = None) -> Path:
+        """Wait (scripts): the new model folder, or the worker's error raised here."""
+        self.wait(progress=progress)
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def prepare_fine_tune(labeled: Sequence[Any], unlabeled_volumes: Sequence[Any] = (), model: str | Path = DEFAULT_MODEL,
+                      validation: Sequence[Any] = ()) -> FineTuneInputs:
+    """Main thread: read the chosen nodes into engine inputs for ``model`` (id or folder)."""
+    return gather_inputs(list(labeled), list(unlabeled_volumes), ModelCard.load(resolve_model(model)),
+                         list(validation))
+
+
+def start_fine_tune_run(inputs: FineTuneInputs, model: str | Path = DEFAULT_MODEL, method: str | None = None,
+                        minutes: float | None = None, steps: int | None = None, device: str = "auto",
+                        model_id: str | None = None) -> FineTuneTask:
+    """Check the choice, mark the segmentations as corrected (Segment never writes into them again) and start."""
+    choice = fine_tune_settings(method, minutes, steps, labeled=len(inputs.labeled), unlabeled=len(inputs.unlabeled))
+    task = FineTuneTask(inputs, resolve_model(model), choice, device, model_id)
+    for node in inputs.segmentation_nodes:
+        mark_corrected(node)
+    return task
+
+
+def fine_tune(labeled: Sequence[Any], unlabeled_volumes: Sequence[Any] = (), model: str | Path = DEFAULT_MODEL,
+              method: str | None = None, minutes: float | None = None, steps: int | None = None,
+              device: str = "auto", validation: Sequence[Any] = (), model_id: str | None = None,
+              progress: Callable[[LogRow], None] | None = None) -> Path:
+    """Fine-tune and wait (scripts): the new model folder, already the active version of its id."""
+    inputs = prepare_fine_tune(labeled, unlabeled_volumes, model, validation)
+    return start_fine_tune_run(inputs, model, method, minutes, steps, device, model_id).finish(progress)
 
 
 # Versions

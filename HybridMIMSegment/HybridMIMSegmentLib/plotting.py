@@ -101,6 +101,7 @@ class TrainingPlot:
         """A plot view node showing the chart, for a ``qMRMLPlotWidget`` embedded in the module panel."""
         chart = self.chart_node()
         view, _ = self._node("vtkMRMLPlotViewNode", "view")  # no layout name: a layout name makes it a singleton
+        view.SetDoPropagatePlotChartSelection(False)  # keep this chart when another module shows its own
         if view.GetPlotChartNodeID() != chart.GetID():
             view.SetPlotChartNodeID(chart.GetID())
         return view

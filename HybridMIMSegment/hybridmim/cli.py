@@ -1,21 +1,41 @@
 """``hybridmim``: segment volumes, fine-tune models on a few corrected volumes, list and revert model versions,
-from the command line, without Slicer."""
+from the command line, without Slicer.
+
+It is also the Slicer module's worker: ``--progress json`` turns progress, status, the result and any error into
+one JSON object per line on stdout (``event``: progress, step, status, result, error, cancelled), so the module,
+the command line and scripts share one entry point. SIGTERM is handled like Ctrl-C: nothing is written.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
 import re
+import signal
 import sys
+from collections.abc import Callable
 
 from tqdm import tqdm
 
 from .errors import HybridMIMError
 from .methods import DEFAULT_LEARNING_RATE
-from .model_store import active_versions, list_models, model_versions, set_active_version
+from .model_store import DEFAULT_MODEL, active_versions, list_models, model_versions, set_active_version
 
-DEFAULT_MODEL = "hippocampus-cnn"
+
+def emit(event: str, **fields) -> None:
+    """One JSON record on stdout (``--progress json``), flushed at once: the reader polls the stream."""
+    record = {"event": event, **{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                 for k, v in fields.items()}}
+    print(json.dumps(record), flush=True)
+
+
+def _say(args: argparse.Namespace) -> Callable[[str], None]:
+    """Where messages for people go: stdout normally, stderr when stdout carries JSON records."""
+    if args.progress == "json":
+        return lambda message: print(message, file=sys.stderr, flush=True)
+    return print
 
 
 def _segment(args: argparse.Namespace) -> int:
@@ -28,18 +48,24 @@ def _segment(args: argparse.Namespace) -> int:
         raise HybridMIMError("--preview must name a .png file")
     volume = read_volume(args.input)
     segmenter = Segmenter(args.model, args.device)
+    say = _say(args)
     with tqdm(total=100, desc=f"{segmenter.card.id} on {segmenter.device}", unit="%",
-              disable=args.quiet, bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}]") as bar:
+              disable=args.progress != "bar", bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}]") as bar:
         def progress(fraction: float, message: str) -> None:
+            if args.progress == "json":
+                emit("progress", fraction=fraction, message=message)
             bar.n = round(100 * fraction, 1)
             bar.set_postfix_str(message, refresh=True)
 
         labelmap = segmenter.segment(volume, progress)
     written = write_labelmap(labelmap, output, segmenter.card.labels)
-    print(f"Segmentation written to {written.resolve()}")
-    if args.preview:
-        preview = write_preview(volume, labelmap, segmenter.card.labels, args.preview)
-        print(f"Preview written to {preview.resolve()}")
+    say(f"Segmentation written to {written.resolve()}")
+    preview = write_preview(volume, labelmap, segmenter.card.labels, args.preview) if args.preview else None
+    if preview is not None:
+        say(f"Preview written to {preview.resolve()}")
+    if args.progress == "json":
+        emit("result", output=str(written.resolve()), model=str(segmenter.model.folder),
+             id=segmenter.card.id, version=segmenter.card.version, device=str(segmenter.device))
     return 0
 
 
@@ -57,25 +83,41 @@ def _finetune(args: argparse.Namespace) -> int:
     rate = {} if args.learning_rate is None else {"learning_rate": args.learning_rate}
     settings = settings_from(args.method, args.steps, args.minutes, args.seed, len(args.labeled),
                              len(args.unlabeled), **rate)
-    with tqdm(total=100, desc=f"fine-tuning {args.model} ({settings.method})", unit="%", disable=args.quiet,
+    say = _say(args)
+    say(f"Using {len(args.labeled)} labelled, {len(args.unlabeled)} unlabelled and {len(args.validation)} "
+        f"validation volumes; method {settings.method}")
+    with tqdm(total=100, desc=f"fine-tuning {args.model} ({settings.method})", unit="%",
+              disable=args.progress != "bar",
               bar_format="{l_bar}{bar}| {n:.0f}% [{elapsed}<{remaining}] {postfix}") as bar:
         def progress(report) -> None:
+            if args.progress == "json":
+                emit("step", step=report.step, fraction=report.fraction, seconds=report.seconds,
+                     losses=report.losses, learning_rate=report.learning_rate,
+                     validation_dice=report.validation_dice)
             bar.n = round(100 * report.fraction, 1)
             losses = " ".join(f"{k} {v:.3f}" for k, v in report.losses.items())
             dice = f" | validation Dice {report.validation_dice:.3f}" if report.validation_dice is not None else ""
             bar.set_postfix_str(f"step {report.step} | {losses}{dice}", refresh=report.step % 5 == 0 or bool(dice))
 
+        def status(message: str) -> None:
+            if args.progress == "json":
+                emit("status", message=message)
+            else:
+                bar.write(message)
+
         folder = fine_tune(args.model, args.labeled, args.unlabeled, settings, validation=args.validation,
                            label_names=args.labels, model_id=args.id, device=args.device, progress=progress,
-                           status=lambda message: bar.write(message))
+                           status=status)
     from .model_card import ModelCard
 
     card = ModelCard.load(folder)
-    print(f"New model version {card.id} {card.version} ({card.training['steps']} steps, "
-          f"{card.training['time_seconds']:.0f} s) in {folder}")
+    say(f"New model version {card.id} {card.version} ({card.training['steps']} steps, "
+        f"{card.training['time_seconds']:.0f} s) in {folder}")
     if summary := card.validation_summary():
-        print(summary)
-    print(f"It is now the active version of '{card.id}'; 'hybridmim revert {card.id} VERSION' goes back.")
+        say(summary)
+    say(f"It is now the active version of '{card.id}'; 'hybridmim revert {card.id} VERSION' goes back.")
+    if args.progress == "json":
+        emit("result", folder=str(folder), id=card.id, version=card.version)
     return 0
 
 
@@ -98,6 +140,14 @@ def _versions(args: argparse.Namespace) -> int:
 def _revert(args: argparse.Namespace) -> int:
     folder = set_active_version(args.id, args.version)
     print(f"'{args.id}' now means version {args.version} ({folder.path})")
+    return 0
+
+
+def _devices(args: argparse.Namespace) -> int:
+    from .inference import available_devices
+
+    devices = available_devices()
+    print(json.dumps(devices) if args.json else "\n".join(devices))
     return 0
 
 
@@ -132,6 +182,14 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_progress_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--progress", choices=["bar", "json", "none"], default="bar",
+                         help="bar (default): a progress bar; json: one JSON record per line on stdout (progress, "
+                              "result, error), as the Slicer module reads them; none: quiet")
+    command.add_argument("-q", "--quiet", dest="progress", action="store_const", const="none",
+                         help="no progress bar (same as --progress none)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybridmim", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
@@ -142,9 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("-o", "--output", required=True,
                          help="output: .seg.nrrd (Slicer segmentation) or .nii.gz/.nii/.nrrd/.mha labelmap")
     segment.add_argument("--model", default=DEFAULT_MODEL, help=f"model id or folder (default {DEFAULT_MODEL})")
-    segment.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
+    segment.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or mps")
     segment.add_argument("--preview", help="also write a PNG with a few slices and the overlay")
-    segment.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_progress_options(segment)
     segment.set_defaults(run=_segment)
 
     tune = commands.add_parser(
@@ -153,11 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "1..N = the model's structures or the --labels given) plus unlabelled volumes. The result is "
                     "a new version in the user models folder, made active; bundled models are never changed.")
     tune.add_argument("--model", default=DEFAULT_MODEL, help=f"starting model id or folder (default {DEFAULT_MODEL})")
-    tune.add_argument("--labeled", nargs="+", required=True, type=image_label_pair, metavar="IMAGE:LABEL",
-                      help="labelled volumes")
-    tune.add_argument("--unlabeled", nargs="*", default=[], metavar="IMAGE", help="unlabelled volumes")
-    tune.add_argument("--validation", nargs="*", default=[], type=image_label_pair, metavar="IMAGE:LABEL",
-                      help="held-out labelled volumes: Dice during training and on the card (never trained on)")
+    tune.add_argument("--labeled", nargs="+", action="extend", required=True, type=image_label_pair,
+                      metavar="IMAGE:LABEL", help="labelled volumes (the option may be repeated: they add up)")
+    tune.add_argument("--unlabeled", nargs="*", action="extend", default=[], metavar="IMAGE",
+                      help="unlabelled volumes (may be repeated)")
+    tune.add_argument("--validation", nargs="*", action="extend", default=[], type=image_label_pair,
+                      metavar="IMAGE:LABEL",
+                      help="held-out labelled volumes: Dice during training and on the card (never trained on; "
+                           "may be repeated)")
     tune.add_argument("--method", default="auto", choices=["auto", "supervised", "mean-teacher", "bcp"],
                       help="auto (default): bcp for one labelled volume with unlabelled ones, else supervised "
                            "(measured: README, Fine-tuning)")
@@ -172,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"peak learning rate (default {DEFAULT_LEARNING_RATE:g}); lower, e.g. 1e-4, changes a "
                            "model of the same structures less (README, Fine-tuning)")
     tune.add_argument("--seed", type=int, default=0)
-    tune.add_argument("--device", default="auto", help="auto (GPU when present), cpu or cuda")
-    tune.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    tune.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or mps")
+    _add_progress_options(tune)
     tune.set_defaults(run=_finetune)
 
     versions = commands.add_parser("versions", help="list the versions of a model (* = active)")
@@ -188,20 +249,37 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list bundled and user models with their cards")
     models.add_argument("--json", action="store_true", help="print the full cards as JSON")
     models.set_defaults(run=_models)
+
+    devices = commands.add_parser("devices", help="list the devices PyTorch can use here, best first")
+    devices.add_argument("--json", action="store_true", help="print them as a JSON list")
+    devices.set_defaults(run=_devices)
     return parser
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM (the Slicer module's Cancel, ``kill``) unwinds like Ctrl-C: staging folders are removed."""
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    json_records = getattr(args, "progress", None) == "json"
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.run(args)
     except HybridMIMError as error:
+        if json_records:
+            emit("error", kind=type(error).__name__, message=str(error))
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if json_records:
+            emit("cancelled", message="Interrupted; nothing was written.")
         print("Interrupted; nothing was written.", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ id; nothing is written when the run fails or is cancelled, and the starting fold
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -19,9 +18,10 @@ import torch
 from .cases import ImageSource, LabeledVolume, load_case, source_name
 from .errors import HybridMIMError
 from .evaluation import evaluate
+from .finetune_plan import target_card
 from .inference import Segmenter, select_device
-from .methods import AUTOMATIC, DEFAULT_MINUTES, DEFAULT_STEPS, MAX_LABELED, default_method
-from .model_card import WEIGHTS_FILE, Label, ModelCard
+from .methods import AUTOMATIC, MAX_LABELED, default_budget, default_method
+from .model_card import WEIGHTS_FILE
 from .model_store import (
     LoadedModel,
     load_matching,
@@ -37,37 +37,6 @@ from .progress import CancelToken
 from .trainer import TrainProgress, TrainSettings, train_network
 
 logger = logging.getLogger(__name__)
-
-PALETTE = [(0.90, 0.35, 0.30), (0.30, 0.60, 0.90), (0.40, 0.80, 0.40), (0.95, 0.80, 0.30), (0.70, 0.45, 0.85),
-           (0.30, 0.80, 0.80), (0.95, 0.55, 0.75), (0.60, 0.60, 0.60)]
-
-
-def target_card(parent: ModelCard, label_names: Sequence[str] | None, model_id: str | None) -> tuple[ModelCard, bool]:
-    """The new version's card (before training facts are filled in) and whether the output layer is re-made."""
-    card = ModelCard.from_dict({**parent.to_dict(), "metrics": {}, "training": {}}, source=f"model '{parent.id}'")
-    same = label_names is None or list(label_names) == [label.name for label in parent.labels]
-    if label_names is None and parent.task != "segmentation":
-        raise HybridMIMError(f"Model '{parent.id}' is pre-trained only: name the structures to learn (labels)")
-    if not same:
-        names = [str(n).strip() for n in label_names]
-        if not names or any(not n for n in names) or len(set(names)) != len(names):
-            raise HybridMIMError(f"Label names must be distinct and non-empty, not {list(label_names)}")
-        known = {label.name: label for label in parent.labels}
-        card.labels = [Label(i + 1, n, known[n].color if n in known else list(PALETTE[i % len(PALETTE)]),
-                             known[n].terminology if n in known else None) for i, n in enumerate(names)]
-    card.task = "segmentation"
-    card.id = model_id or (parent.id if same else f"{parent.id}-{slug(' '.join(card.label_names().values()))}")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", card.id):
-        raise HybridMIMError(f"Model id '{card.id}' may only use letters, digits, '.', '_' and '-'")
-    card.name = (f"{parent.name} (fine-tuned)" if same else
-                 f"{', '.join(card.label_names().values())} ({parent.modality}), fine-tuned from {parent.id}")
-    card.licence = f"{parent.licence} Fine-tuned on the user's own data."
-    return card, not same or parent.task != "segmentation"
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "custom"
-
 
 def fine_tune(model: str | Path, labeled: Sequence[tuple[ImageSource, ImageSource]],
               unlabeled: Sequence[ImageSource] = (), settings: TrainSettings | None = None, *,
@@ -152,6 +121,5 @@ def settings_from(method: str | None = None, steps: int | None = None, minutes: 
     budget (``DEFAULT_MINUTES`` or ``DEFAULT_STEPS``, whichever comes first, when neither is given)."""
     if method in (None, AUTOMATIC):
         method = default_method(labeled, unlabeled)
-    if steps is None and minutes is None:
-        minutes, steps = DEFAULT_MINUTES, DEFAULT_STEPS
+    steps, minutes = default_budget(steps, minutes)
     return TrainSettings(method=method, steps=steps, minutes=minutes, seed=seed, **overrides)

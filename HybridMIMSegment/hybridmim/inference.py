@@ -38,14 +38,23 @@ GPU_OUTPUT_BYTES = 2 * 1024**3  # larger class-score maps are accumulated in CPU
 MAX_MODEL_VOXELS = 1024**3 // 2  # beyond this a volume resampled to the model's spacing cannot be held in memory
 
 
+def available_devices() -> list[str]:
+    """The devices this PyTorch can run on, best first ('cpu' always)."""
+    mps = getattr(torch.backends, "mps", None)
+    return (["cuda"] if torch.cuda.is_available() else []) + \
+        (["mps"] if mps is not None and mps.is_available() else []) + ["cpu"]
+
+
 def select_device(requested: str = "auto") -> torch.device:
-    """'auto' picks CUDA when available; asking for CUDA without one is an error, not a silent fallback."""
+    """'auto' picks CUDA when available (Apple's mps only when asked for: not every 3D operation runs there);
+    asking for a device PyTorch does not see is an error, not a silent fallback."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise HybridMIMError("A CUDA GPU was requested but PyTorch sees none; use --device cpu or auto")
-    if requested not in ("cpu",) and not requested.startswith("cuda"):
-        raise HybridMIMError(f"Unknown device '{requested}': use auto, cpu or cuda")
+    kind = requested.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise HybridMIMError(f"Unknown device '{requested}': use auto, cpu, cuda or mps")
+    if kind not in available_devices():
+        raise HybridMIMError(f"Device '{requested}' was requested but PyTorch sees none; use --device cpu or auto")
     return torch.device(requested)
 
 

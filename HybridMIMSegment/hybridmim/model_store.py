@@ -22,6 +22,7 @@ from .errors import ChecksumError, ModelCardError, ModelNotFoundError
 from .model_card import CARD_FILE, WEIGHTS_FILE, ModelCard
 
 ACTIVE_FILE = "active.json"
+DEFAULT_MODEL = "hippocampus-cnn"  # what Segment uses when no model is named (CLI, Slicer, scripts)
 
 if TYPE_CHECKING:  # torch is imported where weights are read or written, so listing cards needs no torch
     import torch

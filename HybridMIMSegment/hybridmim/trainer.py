@@ -30,7 +30,7 @@ from monai.inferers import sliding_window_inference
 from .cases import Case
 from .errors import HybridMIMError
 from .inference import DEFAULT_BLEND, DEFAULT_OVERLAP, DEFAULT_WINDOW_BATCH
-from .methods import DEFAULT_LEARNING_RATE, METHODS
+from .methods import DEFAULT_LEARNING_RATE, check_budget, check_method
 from .metrics import dice_per_label
 from .progress import CancelToken
 from .sampling import PatchSampler
@@ -68,16 +68,10 @@ class TrainSettings:
     validate_every: int = 0  # steps between validations on the model grid (0: about ten times per run)
 
     def check(self, unlabeled: int) -> None:
-        if self.method not in METHODS:
-            raise HybridMIMError(f"Unknown method '{self.method}': use one of {', '.join(METHODS)}")
-        if not self.steps and not self.minutes:
-            raise HybridMIMError("Give a budget: a number of steps, of minutes, or both")
-        if (self.steps is not None and self.steps < 1) or (self.minutes is not None and self.minutes <= 0):
-            raise HybridMIMError("The budget (steps, minutes) must be positive")
-        if not self.learning_rate > 0:
-            raise HybridMIMError(f"The learning rate must be positive, not {self.learning_rate}")
-        if self.method != "supervised" and unlabeled == 0:
-            raise HybridMIMError(f"Method '{self.method}' needs unlabelled volumes; give some or use 'supervised'")
+        check_method(self.method, unlabeled)
+        check_budget(self.steps, self.minutes)
+        if not 0 < self.learning_rate < math.inf:
+            raise HybridMIMError(f"The learning rate must be positive and finite, not {self.learning_rate}")
 
 
 @dataclass

@@ -17,14 +17,12 @@ from conftest import BUNDLED_MODEL, SAMPLE_IMAGE, SAMPLE_LABEL
 slicer = pytest.importorskip("slicer", reason="slicer-core is installed by the test set-up (./setup.sh test)")
 vtk = pytest.importorskip("vtk")
 
-from hybridmim.methods import AUTOMATIC, METHODS  # noqa: E402
+from hybridmim.methods import AUTOMATIC, METHOD_LABELS, METHODS  # noqa: E402
 from hybridmim.model_card import Label, ModelCard  # noqa: E402
 from HybridMIMSegmentLib.finetuning import (  # noqa: E402
-    METHOD_LABELS,
     FineTuneInputError,
     FineTuneTask,
     LogRow,
-    TrainingLog,
     decide_label_set,
     fine_tune_settings,
     gather_inputs,
@@ -289,13 +287,13 @@ def test_held_out_segmentations_become_validation_pairs(scene, card):
 # Progress log and the live plot
 
 
-def test_training_log_and_progress_message():
-    from hybridmim.trainer import TrainProgress
-
-    log = TrainingLog()
-    log.record(TrainProgress(1, 0.25, 30.0, {"supervised": 0.5, "unlabeled": 0.25}, 1e-3))
-    row = log.record(TrainProgress(2, 0.5, 60.0, {"supervised": 0.25}, 1e-3, validation_dice=0.8))
-    assert len(log) == 2 and [r.step for r in log.rows(1)] == [2] and log.rows()[0].loss == 0.75
+def test_log_rows_from_worker_records_and_progress_message():
+    records = [{"event": "step", "step": 1, "fraction": 0.25, "seconds": 30.0,
+                "losses": {"supervised": 0.5, "unlabeled": 0.25}, "learning_rate": 1e-3, "validation_dice": None},
+               {"event": "step", "step": 2, "fraction": 0.5, "seconds": 60.0, "losses": {"supervised": 0.25},
+                "learning_rate": 1e-3, "validation_dice": 0.8}]
+    first, row = (LogRow.from_record(r) for r in records)
+    assert first.loss == 0.75 and first.validation_dice is None and row.step == 2
     assert progress_message(row) == "Step 2: loss 0.250, validation Dice 0.800; 1:00 spent, about 1:00 left"
 
 
@@ -388,18 +386,18 @@ def test_fine_tune_task_writes_a_new_active_version(scene, card, shared_data):
     before = node_ids(scene)
     task = FineTuneTask(inputs, BUNDLED_MODEL, fine_tune_settings("mean-teacher", None, 3, unlabeled=1), "cpu")
     messages = []
-    folder = task.run(lambda fraction, message: messages.append((fraction, message)))
+    folder = task.finish(lambda row: messages.append(progress_message(row)))
 
-    assert node_ids(scene) == before
+    assert node_ids(scene) == before and not task.process.folder.exists()
     assert resolve_model("hippocampus-cnn") == folder and model_versions("hippocampus-cnn")[-1].path == folder
     new = ModelCard.load(folder)
     assert new.version == "1.0.0-ft.1" and new.training["parent"]["version"] == "1.0.0"
     assert new.training["method"] == "mean-teacher" and new.training["steps"] == 3
     assert "dice" in new.metrics
-    rows = task.log.rows()
+    rows = task.rows
     assert [r.step for r in rows] == [1, 2, 3] and "unlabeled" in rows[-1].losses
     assert rows[-1].validation_dice is not None
-    assert any(message.startswith("Step 3: loss") for _, message in messages)
+    assert any(message.startswith("Step 3: loss") for message in messages)
     assert version_entries("hippocampus-cnn")[-1].active
 
 
@@ -409,7 +407,7 @@ def test_fine_tune_task_with_new_names_makes_a_new_model(scene, card):
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "whole")
     update_segmentation_node(segmentation, whole, [Label(1, "hippocampus", [1, 1, 0])], volume)
     inputs = gather_inputs([segmentation], [], card)
-    task = FineTuneTask(inputs, BUNDLED_MODEL, fine_tune_settings(None, None, 1), "cpu").start()
+    task = FineTuneTask(inputs, BUNDLED_MODEL, fine_tune_settings(None, None, 1), "cpu")
     assert task.wait(300) and task.error is None, task.error
     new = ModelCard.load(task.result)
     assert new.id == "hippocampus-cnn-hippocampus" and [label.name for label in new.labels] == ["hippocampus"]
@@ -422,11 +420,12 @@ def test_cancelled_fine_tune_writes_nothing(scene, card):
     volume = load_volume_node(scene, SAMPLE_IMAGE)
     segmentation = corrected_segmentation(scene, volume, SAMPLE_LABEL, MODEL_LABELS)
     inputs = gather_inputs([segmentation], [], card)
-    task = FineTuneTask(inputs, BUNDLED_MODEL, fine_tune_settings(None, None, 10_000), "cpu").start()
-    while not len(task.log) and not task.done:
+    task = FineTuneTask(inputs, BUNDLED_MODEL, fine_tune_settings(None, None, 10_000), "cpu")
+    while not task.rows and not task.done:
         task.wait(0.05)
     task.cancel()
     assert task.wait(120)
     assert isinstance(task.error, Cancelled) and task.result is None
+    assert not task.process.running and not task.process.folder.exists()
     folder = user_models_dir()
-    assert not folder.exists() or not [p for p in folder.iterdir() if (p / "card.json").exists()]
+    assert not folder.exists() or not list(folder.iterdir())  # not even a hidden staging folder

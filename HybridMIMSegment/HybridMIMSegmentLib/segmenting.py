@@ -1,0 +1,158 @@
+"""Segment a volume node in a worker process and put the result into the scene without losing anyone's work.
+
+Main thread only (MRML). The volume is written with its exact geometry to the worker's private folder, the
+worker (``hybridmim segment``) writes a label map there, and ``apply`` imports it. Where the result goes is decided
+here, once: a user's corrected segmentation and a segmentation of another volume are never written into; a new
+node is made instead (``SegmentTask.note`` says why).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from hybridmim.errors import HybridMIMError
+from hybridmim.model_card import ModelCard
+from hybridmim.model_store import DEFAULT_MODEL, resolve_model
+
+from .mrml_bridge import image_from_volume_node, reference_volume_node, update_segmentation_node
+from .worker import Record, WorkerProcess
+
+#: Node attribute of a segmentation the user corrected (checked for fine-tuning, or fine-tuned on).
+CORRECTED_ATTRIBUTE = "HybridMIMSegment.Corrected"
+
+Progress = Callable[[float, str], None]
+
+
+def mark_corrected(segmentation_node) -> None:
+    """From now on Segment never writes into this segmentation (it is a user's corrected work)."""
+    segmentation_node.SetAttribute(CORRECTED_ATTRIBUTE, "true")
+
+
+def is_corrected(segmentation_node) -> bool:
+    return segmentation_node is not None and segmentation_node.GetAttribute(CORRECTED_ATTRIBUTE) == "true"
+
+
+def why_not_reuse(segmentation_node, volume_node) -> str | None:
+    """Why a new result must not go into ``segmentation_node`` (None: it may)."""
+    if segmentation_node is None:
+        return None
+    name = segmentation_node.GetName()
+    if is_corrected(segmentation_node):
+        return f"'{name}' holds corrections, which are never overwritten"
+    if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
+        return None
+    reference = reference_volume_node(segmentation_node)
+    if reference is None:
+        return f"'{name}' was not made on '{volume_node.GetName()}'"
+    if reference.GetID() != volume_node.GetID():
+        return f"'{name}' belongs to volume '{reference.GetName()}'"
+    return None
+
+
+def new_segmentation_node(volume_node, card: ModelCard):
+    scene = volume_node.GetScene()
+    node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                   scene.GenerateUniqueName(f"{volume_node.GetName()} {card.id}"))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+class SegmentTask:
+    """One Segment run. Construct on the main thread (it writes the input and starts the worker), then ``poll``
+    (GUI timer) or ``wait``; ``apply`` puts the result into the scene. ``cancel`` leaves the scene unchanged."""
+
+    def __init__(self, volume_node, model_folder: str | Path, device: str = "auto", segmentation_node=None,
+                 replace: bool = True) -> None:
+        self.model_folder = Path(model_folder)
+        self.card = ModelCard.load(self.model_folder)
+        if self.card.task != "segmentation":
+            raise HybridMIMError(f"Model '{self.card.id}' is pre-trained only (it has no segmentation output): "
+                                 "fine-tune it on a few corrected segmentations first")
+        image = image_from_volume_node(volume_node)
+        self.volume_node, self.replace = volume_node, replace
+        self.note = why_not_reuse(segmentation_node, volume_node)
+        self.segmentation_node = None if self.note else segmentation_node
+        self.fraction, self.message = 0.0, "Starting the worker"
+        self.process = WorkerProcess("segment")
+        try:
+            source = self.process.folder / "input.nrrd"
+            sitk.WriteImage(image, str(source), useCompression=False)
+            self.output = self.process.folder / "labels.nrrd"
+            self.process.start(["segment", str(source), "-o", str(self.output), "--model", str(self.model_folder),
+                                "--device", device])
+        except BaseException:
+            self.process.cleanup()
+            raise
+
+    @property
+    def done(self) -> bool:
+        return self.process.done
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.process.error
+
+    def poll(self) -> bool:
+        """Read the worker's news (progress); True once it has ended."""
+        self._take(self.process.poll())
+        return self.process.done
+
+    def _take(self, records: list[Record]) -> None:
+        for record in records:
+            if record["event"] == "progress":
+                self.fraction, self.message = float(record.get("fraction") or 0.0), str(record.get("message", ""))
+
+    def cancel(self) -> None:
+        self.process.cancel()
+        self.message = "Cancelling"
+
+    def wait(self, timeout: float | None = None, progress: Progress | None = None) -> bool:
+        def on_records(records: list[Record]) -> None:
+            self._take(records)
+            if progress is not None:
+                progress(self.fraction, self.message)
+
+        return self.process.wait(timeout, on_records)
+
+    def apply(self):
+        """Main thread, once ended: raise the worker's error, or import the labels and return the segmentation
+        node (the chosen one, or a new one). The worker's folder is removed either way."""
+        try:
+            if self.process.error is not None:
+                raise self.process.error
+            if not self.process.done:
+                raise HybridMIMError("Segment has not finished yet")
+            labelmap = sitk.ReadImage(str(self.output))
+            node, created = self.segmentation_node, self.segmentation_node is None
+            if created:
+                node = new_segmentation_node(self.volume_node, self.card)
+            try:
+                update_segmentation_node(node, labelmap, self.card.labels, self.volume_node, self.replace)
+            except BaseException:
+                if created:
+                    node.GetScene().RemoveNode(node)
+                raise
+            self.segmentation_node = node
+            return node
+        finally:
+            self.process.cleanup()
+
+    def finish(self, progress: Progress | None = None):
+        """Wait for the worker, then ``apply`` (scripts)."""
+        self.wait(progress=progress)
+        return self.apply()
+
+
+def start_segment(volume_node, model: str | Path = DEFAULT_MODEL, device: str = "auto", segmentation_node=None,
+                  replace: bool = True) -> SegmentTask:
+    """Start segmenting ``volume_node`` with ``model`` (an id, which means its active version, or a folder)."""
+    return SegmentTask(volume_node, resolve_model(model), device, segmentation_node, replace)
+
+
+def segment(volume_node, model: str | Path = DEFAULT_MODEL, device: str = "auto", segmentation_node=None,
+            replace: bool = True, progress: Progress | None = None):
+    """Segment and wait (scripts): the segmentation node that holds the result."""
+    return start_segment(volume_node, model, device, segmentation_node, replace).finish(progress)

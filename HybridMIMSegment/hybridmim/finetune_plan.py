@@ -1,0 +1,41 @@
+"""What a fine-tune will make, decided before any training: the new version's card (id, name, labels) and
+whether the output layer is re-made. Torch-free, so the Slicer module can ask the user about it in its own
+process (which never imports torch)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from .errors import HybridMIMError
+from .model_card import Label, ModelCard
+
+PALETTE = [(0.90, 0.35, 0.30), (0.30, 0.60, 0.90), (0.40, 0.80, 0.40), (0.95, 0.80, 0.30), (0.70, 0.45, 0.85),
+           (0.30, 0.80, 0.80), (0.95, 0.55, 0.75), (0.60, 0.60, 0.60)]
+
+
+def target_card(parent: ModelCard, label_names: Sequence[str] | None, model_id: str | None) -> tuple[ModelCard, bool]:
+    """The new version's card (before training facts are filled in) and whether the output layer is re-made."""
+    card = ModelCard.from_dict({**parent.to_dict(), "metrics": {}, "training": {}}, source=f"model '{parent.id}'")
+    same = label_names is None or list(label_names) == [label.name for label in parent.labels]
+    if label_names is None and parent.task != "segmentation":
+        raise HybridMIMError(f"Model '{parent.id}' is pre-trained only: name the structures to learn (labels)")
+    if not same:
+        names = [str(n).strip() for n in label_names]
+        if not names or any(not n for n in names) or len(set(names)) != len(names):
+            raise HybridMIMError(f"Label names must be distinct and non-empty, not {list(label_names)}")
+        known = {label.name: label for label in parent.labels}
+        card.labels = [Label(i + 1, n, known[n].color if n in known else list(PALETTE[i % len(PALETTE)]),
+                             known[n].terminology if n in known else None) for i, n in enumerate(names)]
+    card.task = "segmentation"
+    card.id = model_id or (parent.id if same else f"{parent.id}-{slug(' '.join(card.label_names().values()))}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", card.id):
+        raise HybridMIMError(f"Model id '{card.id}' may only use letters, digits, '.', '_' and '-'")
+    card.name = (f"{parent.name} (fine-tuned)" if same else
+                 f"{', '.join(card.label_names().values())} ({parent.modality}), fine-tuned from {parent.id}")
+    card.licence = f"{parent.licence} Fine-tuned on the user's own data."
+    return card, not same or parent.task != "segmentation"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "custom"
