@@ -1,0 +1,51 @@
+"""The Slicer module's dependency check: versions come from package metadata (torch and MONAI are never imported
+in Slicer's process), and torch is held to what the installed MONAI declares."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from packaging.requirements import Requirement
+
+from conftest import REPO
+
+pytest.importorskip("slicer", reason="slicer-core is installed by the test set-up (./setup.sh test)")
+
+from HybridMIMSegmentLib.dependencies import (  # noqa: E402
+    REQUIREMENTS,
+    installed_version,
+    missing_packages,
+    torch_requirement,
+    unmet,
+)
+
+
+def test_torch_is_held_to_what_monai_declares():
+    import importlib.metadata
+
+    declared = [Requirement(r) for r in importlib.metadata.requires("monai")]
+    expected = next(r for r in declared if r.name == "torch" and r.marker is None)
+    assert torch_requirement() == expected
+
+
+def test_unmet_says_what_and_why():
+    assert unmet(Requirement("torch>=1.0")) is None
+    assert "installed: " in unmet(Requirement("torch<1.0"))
+    assert unmet(Requirement("no-such-package-hybridmim>=1")).endswith("(not installed)")
+
+
+def test_this_environment_has_everything_the_worker_needs():
+    assert missing_packages() == []
+    assert all(installed_version(Requirement(text).name) for text in REQUIREMENTS)
+
+
+def test_checking_imports_neither_torch_nor_monai():
+    code = ("import sys; sys.path.insert(0, 'HybridMIMSegment'); "
+            "from HybridMIMSegmentLib.dependencies import missing_packages; missing_packages(); "
+            "import HybridMIMSegmentLib.segmenting, HybridMIMSegmentLib.finetuning, HybridMIMSegmentLib.plotting; "
+            "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=REPO).stdout
+    assert out.strip() == "[]"

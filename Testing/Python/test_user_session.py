@@ -1,0 +1,126 @@
+"""A user's session, scripted on real Slicer data objects (``slicer-core``) with the module's own scene-level code
+and the real worker process: segment a transformed volume, correct the result (remove a slab, add a blob),
+fine-tune a few steps, segment again. The corrected segmentation must come out unchanged voxel for voxel and the
+new result must be in a new node; a segmentation of one volume is never rewritten for another."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import SAMPLE_IMAGE
+
+slicer = pytest.importorskip("slicer", reason="slicer-core is installed by the test set-up (./setup.sh test)")
+vtk = pytest.importorskip("vtk")
+
+from hybridmim.inference import Segmenter  # noqa: E402
+from hybridmim.model_card import ModelCard  # noqa: E402
+from hybridmim.model_store import resolve_model  # noqa: E402
+from HybridMIMSegmentLib.finetuning import fine_tune  # noqa: E402
+from HybridMIMSegmentLib.mrml_bridge import (  # noqa: E402
+    image_from_volume_node,
+    labelmap_array_from_segmentation,
+    update_segmentation_node,
+)
+from HybridMIMSegmentLib.segmenting import is_corrected, segment, start_segment  # noqa: E402
+from mrml_helpers import load_volume_node, reshape  # noqa: E402
+
+MODEL = "hippocampus-cnn"
+
+
+def labels_of(segmentation_node, volume_node) -> np.ndarray:
+    segmentation = segmentation_node.GetSegmentation()
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    return labelmap_array_from_segmentation(segmentation_node, ids, volume_node)
+
+
+def transformed_volume(scene):
+    """The sample, oblique, under a rotated and translated transform that is itself under another one."""
+    volume = load_volume_node(scene, SAMPLE_IMAGE)
+    reshape(volume)
+    outer, inner = (scene.AddNewNodeByClass("vtkMRMLLinearTransformNode") for _ in range(2))
+    for node, (shift, angle) in ((outer, ((12.0, -5.0, 3.0), 35.0)), (inner, ((-2.0, 4.0, 8.0), -15.0))):
+        transform = vtk.vtkTransform()
+        transform.Translate(*shift)
+        transform.RotateY(angle)
+        node.SetMatrixTransformToParent(transform.GetMatrix())
+    inner.SetAndObserveTransformNodeID(outer.GetID())
+    volume.SetAndObserveTransformNodeID(inner.GetID())
+    return volume
+
+
+def correct(segmentation_node, volume_node, card: ModelCard) -> np.ndarray:
+    """What a user does in Segment Editor: erase a slab of the first structure, paint a blob of the second."""
+    values = labels_of(segmentation_node, volume_node)
+    k, j, i = np.nonzero(values == 1)
+    slab = slice(int(np.median(k)) - 1, int(np.median(k)) + 2)
+    values[slab][values[slab] == 1] = 0
+    zz, yy, xx = np.ogrid[:values.shape[0], :values.shape[1], :values.shape[2]]
+    values[(zz - 8) ** 2 + (yy - 10) ** 2 + (xx - 9) ** 2 <= 9] = 2
+    edited = sitk.GetImageFromArray(values)
+    edited.CopyInformation(image_from_volume_node(volume_node))
+    update_segmentation_node(segmentation_node, edited, card.labels, volume_node, replace=True)
+    return values
+
+
+def test_segment_correct_fine_tune_segment_never_loses_a_correction(scene):
+    volume = transformed_volume(scene)
+    first = segment(volume, MODEL, device="cpu")
+    card = ModelCard.load(resolve_model(MODEL))
+    engine = sitk.GetArrayFromImage(Segmenter(resolve_model(MODEL), "cpu").segment(image_from_volume_node(volume)))
+    assert np.array_equal(labels_of(first, volume), engine)  # on the volume's voxels, whatever the transforms
+
+    corrected = correct(first, volume, card)
+    assert np.array_equal(labels_of(first, volume), corrected) and not np.array_equal(corrected, engine)
+
+    folder = fine_tune([first], model=MODEL, method="supervised", steps=3, device="cpu")
+    assert resolve_model(MODEL) == folder and is_corrected(first)
+    assert np.array_equal(labels_of(first, volume), corrected)  # fine-tuning only reads
+
+    again = segment(volume, MODEL, device="cpu", segmentation_node=first)  # the user's output choice
+    assert again is not first and again.GetScene() is scene
+    assert np.array_equal(labels_of(first, volume), corrected)  # voxel for voxel
+    new_engine = Segmenter(folder, "cpu").segment(image_from_volume_node(volume))
+    assert np.array_equal(labels_of(again, volume), sitk.GetArrayFromImage(new_engine))
+    assert again.GetTransformNodeID() == volume.GetTransformNodeID()
+
+
+def test_a_segmentation_of_another_volume_is_not_rewritten(scene):
+    volume = load_volume_node(scene, SAMPLE_IMAGE)
+    result = segment(volume, MODEL, device="cpu")
+    before = labels_of(result, volume)
+    other = load_volume_node(scene, SAMPLE_IMAGE, "other volume")
+    reshape(other, (5, 5, 5))
+    task = start_segment(other, MODEL, device="cpu", segmentation_node=result)
+    assert "belongs to volume" in task.note
+    second = task.finish()
+    assert second is not result
+    assert np.array_equal(labels_of(result, volume), before)
+    reference = result.GetNodeReference(result.GetReferenceImageGeometryReferenceRole())
+    assert reference is volume
+
+
+def test_an_uncorrected_result_of_the_same_volume_is_updated_in_place(scene):
+    volume = load_volume_node(scene, SAMPLE_IMAGE)
+    result = segment(volume, MODEL, device="cpu")
+    ids = [result.GetSegmentation().GetNthSegmentID(i) for i in range(2)]
+    assert segment(volume, MODEL, device="cpu", segmentation_node=result) is result
+    assert [result.GetSegmentation().GetNthSegmentID(i) for i in range(2)] == ids
+
+
+def test_cancelled_segment_leaves_the_scene_unchanged(scene):
+    volume = load_volume_node(scene, SAMPLE_IMAGE)
+    nodes = scene.GetNumberOfNodes()
+    task = start_segment(volume, MODEL, device="cpu")
+    task.cancel()
+    assert task.wait(120)
+    with pytest.raises(Exception, match="Cancelled"):
+        task.apply()
+    assert scene.GetNumberOfNodes() == nodes and not task.process.folder.exists()
+
+
+def test_a_pretrained_only_model_is_refused_before_any_work(scene):
+    volume = load_volume_node(scene, SAMPLE_IMAGE)
+    with pytest.raises(Exception, match="pre-trained only"):
+        start_segment(volume, "hybridmim-cnn-pretrained", device="cpu")

@@ -1,0 +1,129 @@
+"""The worker process the Slicer module runs (``hybridmim`` with ``--progress json``), end to end with plain
+Python: spawned exactly as the module spawns it, its records, its results equal to the in-process engine voxel for
+voxel, Cancel (SIGTERM, then kill) leaving no files, and a crashed worker reported with the end of its log."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import BUNDLED_MODEL, REPO, SAMPLE_IMAGE, SAMPLE_LABEL
+from hybridmim.errors import Cancelled, HybridMIMError
+from hybridmim.imageio import read_volume
+from hybridmim.model_store import user_models_dir
+from HybridMIMSegmentLib.worker import WorkerCrashed, WorkerProcess, python_executable
+
+
+def segment_worker(tmp_image=SAMPLE_IMAGE, *extra: str) -> WorkerProcess:
+    worker = WorkerProcess("test")
+    output = worker.folder / "labels.nrrd"
+    return worker.start(["segment", str(tmp_image), "-o", str(output), "--model", str(BUNDLED_MODEL),
+                         "--device", "cpu", *extra])
+
+
+def test_outside_slicer_the_worker_is_this_interpreter():
+    assert python_executable() == sys.executable
+
+
+def test_segment_records_and_result_equal_the_engine(segmenter):
+    worker = segment_worker()
+    seen = []
+    assert worker.wait(300, seen.extend)
+    assert worker.error is None, worker.error
+    events = [r["event"] for r in seen]
+    assert events[-1] == "result" and "progress" in events
+    fractions = [r["fraction"] for r in seen if r["event"] == "progress"]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    result = worker.result
+    assert result["id"] == "hippocampus-cnn" and result["device"] == "cpu"
+    written = sitk.ReadImage(result["output"])
+    expected = segmenter.segment(read_volume(SAMPLE_IMAGE))
+    assert np.array_equal(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(expected))
+    assert written.GetOrigin() == expected.GetOrigin() and written.GetDirection() == expected.GetDirection()
+    assert written.GetSpacing() == expected.GetSpacing()
+    worker.cleanup()
+    assert not worker.folder.exists()
+
+
+def test_an_engine_error_is_one_message_and_leaves_no_folder(tmp_path):
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not an image")
+    worker = segment_worker(broken)
+    assert worker.wait(120)
+    assert isinstance(worker.error, HybridMIMError) and not isinstance(worker.error, WorkerCrashed)
+    assert "broken.nii.gz" in str(worker.error)
+    assert worker.result is None and not worker.folder.exists()
+
+
+def test_a_crashed_worker_reports_the_end_of_its_log():
+    worker = WorkerProcess("test").start(["segment", "--no-such-option"])  # dies before any record
+    assert worker.wait(120)
+    assert isinstance(worker.error, WorkerCrashed)
+    assert "exit code 2" in str(worker.error) and "arguments are required: input" in str(worker.error)
+    assert not worker.folder.exists()
+
+
+def test_a_killed_worker_is_reported_as_crashed():
+    worker = WorkerProcess("test").start(
+        ["finetune", "--labeled", f"{SAMPLE_IMAGE}:{SAMPLE_LABEL}", "--device", "cpu", "--steps", "100000"])
+    deadline = time.monotonic() + 120
+    while not worker.records and time.monotonic() < deadline:
+        worker.poll()
+        time.sleep(0.05)
+    os.kill(worker._process.pid, signal.SIGKILL)  # what the out-of-memory killer does
+    assert worker.wait(60)
+    assert isinstance(worker.error, WorkerCrashed) and f"exit code {-signal.SIGKILL}" in str(worker.error)
+
+
+def test_cancel_stops_a_fine_tune_and_leaves_no_files():
+    worker = WorkerProcess("test").start(
+        ["finetune", "--labeled", f"{SAMPLE_IMAGE}:{SAMPLE_LABEL}", "--device", "cpu", "--steps", "100000"])
+    deadline = time.monotonic() + 180
+    while not any(r["event"] == "step" for r in worker.records) and time.monotonic() < deadline:
+        worker.poll()
+        time.sleep(0.05)
+    assert any(r["event"] == "step" for r in worker.records), worker.log_tail()
+    worker.cancel()
+    started = time.monotonic()
+    assert worker.wait(60)
+    assert time.monotonic() - started < 30
+    assert isinstance(worker.error, Cancelled)
+    assert not worker.running and not worker.folder.exists()
+    folder = user_models_dir()
+    assert not folder.exists() or not list(folder.iterdir())  # no version, not even a staging folder
+
+
+def test_sigterm_unwinds_the_cli_with_a_cancelled_record(tmp_path):
+    """What Cancel sends: the CLI reports it, exits 130 and writes nothing."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "HybridMIMSegment")}
+    output = tmp_path / "labels.nii.gz"
+    big = tmp_path / "big.nii.gz"
+    sitk.WriteImage(sitk.Expand(read_volume(SAMPLE_IMAGE), [4, 4, 4]), str(big))
+    process = subprocess.Popen([sys.executable, "-m", "hybridmim.cli", "segment", str(big), "-o", str(output),
+                                "--device", "cpu", "--progress", "json"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    first = json.loads(process.stdout.readline())
+    assert first["event"] == "progress"
+    process.send_signal(signal.SIGTERM)
+    rest, _ = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert json.loads(rest.strip().splitlines()[-1])["event"] == "cancelled"
+    assert not output.exists()
+
+
+@pytest.mark.parametrize("option", ["--labeled", "--unlabeled", "--validation"])
+def test_repeated_list_options_add_up(option):
+    from hybridmim.cli import build_parser
+
+    value = f"{SAMPLE_IMAGE}:{SAMPLE_LABEL}" if option != "--unlabeled" else str(SAMPLE_IMAGE)
+    base = [] if option == "--labeled" else ["--labeled", f"{SAMPLE_IMAGE}:{SAMPLE_LABEL}"]
+    args = build_parser().parse_args(["finetune", *base, option, value, option, value, value])
+    assert len(getattr(args, option[2:])) == 3
