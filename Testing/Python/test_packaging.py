@@ -68,3 +68,12 @@ def test_listing_models_does_not_need_torch():
             "print(ids, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "hippocampus-cnn" in out and out.strip().endswith("False")
+
+
+def test_extension_metadata_points_only_at_files_that_exist():
+    prefix = "https://raw.githubusercontent.com/HybridMIMSegment/HybridMIMSegment/main/"
+    for name in ("CMakeLists.txt", "HybridMIMSegment.s4ext"):
+        urls = re.findall(re.escape(prefix) + r"(\S+?)[\s\")]", (REPO / name).read_text(encoding="utf-8"))
+        assert urls, name
+        for path in urls:
+            assert (REPO / path).is_file(), f"{name} points at {path}, which does not exist"

@@ -14,6 +14,6 @@ from conftest import REPO
 def test_module_selftest_passes_in_headless_slicer():
     result = subprocess.run([str(REPO / "Testing" / "Slicer" / "run_selftest.sh")], capture_output=True, text=True,
                             encoding="utf-8", errors="replace",
-                            timeout=1800)
+                            timeout=2000)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "HybridMIMSegment self-test passed" in result.stdout

@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# Runs the module self-test in headless Slicer. Needs SLICER_EXECUTABLE (the Slicer launcher, 5.10 or newer)
-# with the PyTorch extension installed.
+# Runs the module self-test in headless Slicer (5.10 or newer) and exits with its status.
+#   SLICER_EXECUTABLE            the Slicer launcher (required)
+#   HYBRIDMIM_SELFTEST_TIMEOUT   seconds before the run is stopped (default 1800)
+#   HYBRIDMIM_EXTRA_MODULE_PATHS more module folders to load, e.g. the PyTorch extension's
+#                                ".../PyTorch/lib/Slicer-5.x/qt-scripted-modules": --testing ignores the user's
+#                                settings, so installed extensions are not loaded. Without it, torch must already
+#                                be installed in Slicer's Python (for example by using the module once).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [[ -z "${SLICER_EXECUTABLE:-}" ]]; then
   echo "SLICER_EXECUTABLE is not set: point it at the Slicer launcher to run the in-Slicer self-test." >&2
   exit 2
 fi
-exec "$SLICER_EXECUTABLE" --no-splash --no-main-window \
-  --additional-module-paths "$PWD/HybridMIMSegment" --python-script "$PWD/Testing/Slicer/run_selftest.py"
+paths="$PWD/HybridMIMSegment"
+[[ -n "${HYBRIDMIM_EXTRA_MODULE_PATHS:-}" ]] && paths="$paths $HYBRIDMIM_EXTRA_MODULE_PATHS"
+# shellcheck disable=SC2086  # several paths, space-separated, as Slicer takes them
+exec timeout --kill-after=30 "${HYBRIDMIM_SELFTEST_TIMEOUT:-1800}" "$SLICER_EXECUTABLE" --no-splash --no-main-window \
+  --testing --additional-module-paths $paths --python-script "$PWD/Testing/Slicer/run_selftest.py"
