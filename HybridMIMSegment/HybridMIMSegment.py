@@ -79,11 +79,14 @@ def registerSampleData() -> None:
         volume = resourceFile("Samples", "hippocampus_017.nii.gz")
     except FileNotFoundError:
         return
+    import hashlib
+
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
         category="HybridMIMSegment", sampleName=SAMPLE_NAME, uris=volume.as_uri(),
         fileNames="hippocampus_017.nii.gz", nodeNames=SAMPLE_NAME,
         thumbnailFileName=str(MODULE_DIR / "Resources" / "Icons" / "HybridMIMSegment.png"),
-        loadFileTypes="VolumeFile")
+        loadFileTypes="VolumeFile",
+        checksums="SHA256:" + hashlib.sha256(volume.read_bytes()).hexdigest())  # a changed sample is re-read
 
 
 #
@@ -134,6 +137,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._fineTuneTimer = qt.QTimer()
         self._fineTuneTimer.setInterval(250)
         self._fineTuneTimer.connect("timeout()", self._pollFineTune)
+        self._devices: list[str] = []  # what the worker's PyTorch sees (asked on macOS only, for mps)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -161,6 +165,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.lossPlotFrame.hide()
         self.refreshModels()
         self.initializeParameterNode()
+        self._queryDevices()
 
     def cleanup(self) -> None:
         self.onCancel()
@@ -218,10 +223,32 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.fineTuneMethodSelector.setItemData(index, _(METHOD_TOOLTIPS[method]), qt.Qt.ToolTipRole)
         mpsIndex = self.ui.deviceSelector.findText("mps")
         if mpsIndex >= 0:
-            offered = "mps" in self.logic.availableDevices()
+            offered = "mps" in self._devices
             self.ui.deviceSelector.model().item(mpsIndex).setEnabled(offered)
             self.ui.deviceSelector.setItemData(mpsIndex, _("Apple GPU (Metal)") if offered else
-                                               _("Apple GPU: not available here"), qt.Qt.ToolTipRole)
+                                               _("Apple GPU: not seen by PyTorch here"), qt.Qt.ToolTipRole)
+
+    def _queryDevices(self) -> None:
+        """On a Mac, ask the worker's PyTorch (in the background: importing torch takes seconds) whether it sees
+        the Apple GPU; the mps choice is enabled when it does."""
+        from HybridMIMSegmentLib.dependencies import missing_packages
+        from HybridMIMSegmentLib.worker import WorkerProcess
+
+        if platform.system() != "Darwin" or missing_packages():
+            return
+        query = WorkerProcess("devices").start(["devices"])
+
+        def check() -> None:
+            query.poll()
+            if not query.done:
+                qt.QTimer.singleShot(500, check)
+                return
+            self._devices = (query.result or {}).get("devices", [])
+            query.cleanup()
+            if self._parameterNode:
+                self._labelChoiceItems()
+
+        check()
 
     # Models
 
@@ -374,6 +401,12 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.stop()
         self._task = None
         self.ui.progressBar.hide()
+        try:
+            self._segmentDone(task)
+        finally:
+            self._updateButtons()
+
+    def _segmentDone(self, task) -> None:
         from hybridmim.errors import Cancelled
 
         if isinstance(task.error, Cancelled):
@@ -390,13 +423,19 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if task.note:
                     text += " " + _("A new segmentation was made: {why}.").format(why=task.note)
                 self.ui.statusLabel.text = text
-        self._updateButtons()
 
     # Fine-tune / Cancel
 
     def onFineTune(self) -> None:
+        try:
+            self._startFineTune()
+        except Exception:  # shown to the user already (tryWithErrorDisplay); the panel must stay usable
+            logging.debug("Fine-tuning did not start", exc_info=True)
+        finally:
+            self._updateButtons()
+
+    def _startFineTune(self) -> None:
         """Read the checked nodes (main thread), confirm a new label set, start the worker and the live plot."""
-        inputs = None
         with slicer.util.tryWithErrorDisplay(_("Fine-tuning could not start."), waitCursor=True):
             if not self.logic.setupDependencies():
                 self.ui.fineTuneStatusLabel.text = _("Python packages are missing; nothing was done.")
@@ -411,8 +450,6 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             fine_tune_settings(self._parameterNode.fineTuneMethod, self._parameterNode.fineTuneMinutes,
                                labeled=len(prepared.labeled), unlabeled=len(prepared.unlabeled))
             inputs = prepared
-        if inputs is None:
-            return
         if inputs.label_set.new:
             question = self.logic.describeNewModel(inputs, self._parameterNode.model)
             if not slicer.util.confirmOkCancelDisplay(question + "\n\n" + _("Start fine-tuning?"),
@@ -430,7 +467,6 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.fineTuneStatusLabel.text = _("Starting: {summary}.").format(summary=inputs.summary()) + (
                 f" {notes}" if notes else "")
             self._fineTuneTimer.start()
-        self._updateButtons()
 
     def _startPlot(self) -> None:
         """Show the (emptied) loss plot in the section; its nodes are hidden, unsaved and reused."""
@@ -478,16 +514,18 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.fineTuneProgressBar.hide()
         from hybridmim.errors import Cancelled
 
-        if isinstance(task.error, Cancelled):
-            self.ui.fineTuneStatusLabel.text = _("Cancelled: no model was written; segmentations and volumes are "
-                                                 "unchanged.")
-        elif task.error is not None:
-            self.ui.fineTuneStatusLabel.text = _("Failed: {error}").format(error=task.error)
-            slicer.util.errorDisplay(_("Fine-tuning failed: {error}").format(error=task.error))
-            logging.error("Fine-tuning failed: %s", task.error)
-        else:
-            self._fineTuneDone(task.result)
-        self._updateButtons()
+        try:
+            if isinstance(task.error, Cancelled):
+                self.ui.fineTuneStatusLabel.text = _("Cancelled: no model was written; segmentations and volumes "
+                                                     "are unchanged.")
+            elif task.error is not None:
+                self.ui.fineTuneStatusLabel.text = _("Failed: {error}").format(error=task.error)
+                slicer.util.errorDisplay(_("Fine-tuning failed: {error}").format(error=task.error))
+                logging.error("Fine-tuning failed: %s", task.error)
+            else:
+                self._fineTuneDone(task.result)
+        finally:
+            self._updateButtons()
 
     def _fineTuneDone(self, folder) -> None:
         """Select the new version and, if asked, segment the input volume with it into a new segmentation (the
@@ -532,10 +570,6 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
         logic.revertModel("hippocampus-cnn", "1.0.0")  # back to the bundled version
     """
 
-    def __init__(self) -> None:
-        ScriptedLoadableModuleLogic.__init__(self)
-        self._devices = None
-
     def getParameterNode(self):
         return HybridMIMSegmentParameterNode(super().getParameterNode())
 
@@ -546,15 +580,6 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
         from HybridMIMSegmentLib.dependencies import ensure_dependencies
 
         return ensure_dependencies(ask)
-
-    def availableDevices(self) -> list[str]:
-        """Devices PyTorch sees (asked once of the worker's interpreter, and only on macOS, for mps)."""
-        if self._devices is None:
-            from HybridMIMSegmentLib.dependencies import missing_packages
-            from HybridMIMSegmentLib.worker import available_devices
-
-            self._devices = available_devices() if platform.system() == "Darwin" and not missing_packages() else []
-        return self._devices
 
     @staticmethod
     def models():
@@ -667,9 +692,9 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
 
 class HybridMIMSegmentTest(ScriptedLoadableModuleTest):
     """Runs in Slicer: real sample, real model, real MRML, the real worker process (``PythonSlicer``). Each test
-    method stands alone (Slicer's ctest runs them one by one): ``setUp`` clears the scene, points the user models
-    folder at an empty temporary folder and installs missing Python packages without asking; ``tearDown`` puts
-    the user's folder back."""
+    method stands alone (Slicer's ctest runs each with its own setUp/tearDown): ``setUp`` clears the scene, points
+    the user models folder at an empty temporary folder and installs missing Python packages without asking;
+    ``tearDown`` puts the user's folder back."""
 
     def setUp(self):
         import tempfile
@@ -717,7 +742,6 @@ class HybridMIMSegmentTest(ScriptedLoadableModuleTest):
 
         registerSampleData()
         volume = SampleData.SampleDataLogic().downloadSample(SAMPLE_NAME)
-        self.assertIsNotNone(volume)
         self.assertEqual(volume.GetImageData().GetDimensions(), (35, 48, 32))
 
     def test_segment_sample_reaches_card_dice(self):

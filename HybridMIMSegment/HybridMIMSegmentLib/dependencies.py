@@ -24,7 +24,9 @@ logger = logging.getLogger(__name__)
 #: are not installed from PyPI here: the first two are Slicer's own, torch comes from the PyTorch extension.
 REQUIREMENTS = ["monai>=1.4,<1.7", "safetensors>=0.4", "slicerio>=1.4", "einops>=0.7", "tqdm>=4.60", "pillow>=10"]
 SLICER_OWNED = ["numpy", "SimpleITK", "torch", "vtk"]
-#: torch when MONAI is not installed yet: what MONAI 1.6 (the newest the engine accepts) declares.
+#: torch when MONAI is not installed yet: what MONAI 1.6, the newest the engine accepts, declares (older MONAI in
+#: the range want less), so torch is installed once. (PyTorchUtils imports torch in Slicer's process while it
+#: installs it: the one time it is there.)
 TORCH_FALLBACK = "torch>=2.8"
 
 
@@ -82,14 +84,13 @@ def ensure_dependencies(ask: bool | None = None) -> bool:
             "minutes and needs internet once):\n\n" + "\n".join(missing), "Install Python packages?"):
         return False
     with slicer.util.WaitCursor():
-        if unmet(torch_requirement()):
+        if unmet(torch_requirement()):  # first: MONAI's own install must not pull a torch from PyPI
             _install_torch(torch_requirement())
         _pip_install([text for text in REQUIREMENTS if unmet(Requirement(text))])
-        if unmet(torch_requirement()):  # the MONAI just installed may want a newer torch than the fallback
-            _install_torch(torch_requirement())
     still_missing = missing_packages()
     if still_missing:
-        raise RuntimeError("These packages could not be installed: " + "; ".join(still_missing))
+        raise RuntimeError("These packages could not be installed: " + "; ".join(still_missing) + ". For torch, "
+                           "use the 'PyTorch Util' module to install a matching version, then restart Slicer.")
     return True
 
 

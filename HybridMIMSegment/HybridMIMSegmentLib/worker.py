@@ -55,19 +55,6 @@ def worker_environment() -> dict[str, str]:
     return environment
 
 
-def available_devices(timeout: float = 120.0) -> list[str]:
-    """The devices PyTorch sees in the worker's interpreter (``hybridmim devices``), best first; ['cpu'] when it
-    cannot tell (packages missing)."""
-    try:
-        done = subprocess.run([python_executable(), "-m", "hybridmim.cli", "devices", "--json"], capture_output=True,
-                              env=worker_environment(), timeout=timeout, check=True, stdin=subprocess.DEVNULL,
-                              creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
-        devices = json.loads(done.stdout)
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return ["cpu"]
-    return [str(d) for d in devices] if isinstance(devices, list) else ["cpu"]
-
-
 class WorkerProcess:
     """One run of ``python -m hybridmim.cli ARGS --progress json`` in a private temporary folder.
 
@@ -106,15 +93,28 @@ class WorkerProcess:
         return self
 
     def _signal(self, force: bool) -> None:
-        """SIGTERM (the worker unwinds and writes nothing) or SIGKILL to the whole process group; on Windows the
-        process tree is ended (taskkill /T)."""
+        """SIGTERM (the worker unwinds and writes nothing) or SIGKILL to the whole process group. Windows has no
+        polite signal for a console process without a window: the process tree is ended at once (taskkill /T /F);
+        a model being saved is still safe (it is renamed into place only when complete)."""
         if os.name == "posix":
             with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
                 os.killpg(self._process.pid, signal.SIGKILL if force else signal.SIGTERM)
-        else:
-            subprocess.run(["taskkill", "/PID", str(self._process.pid), "/T", *(["/F"] if force else [])],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           creationflags=subprocess.CREATE_NO_WINDOW, check=False)
+        elif self._process.poll() is None:
+            subprocess.run(["taskkill", "/PID", str(self._process.pid), "/T", "/F"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, creationflags=subprocess.CREATE_NO_WINDOW, check=False)
+
+    def _group_alive(self) -> bool:
+        """Whether any process of the worker's group is left: the launcher (PythonSlicer) may end before the
+        interpreter it started."""
+        if self._process.poll() is None:
+            return True
+        if os.name != "posix":
+            return False
+        try:
+            os.killpg(self._process.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
 
     @property
     def started(self) -> bool:
@@ -122,7 +122,7 @@ class WorkerProcess:
 
     @property
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return self._process is not None and self._group_alive()
 
     @property
     def cancelling(self) -> bool:
@@ -137,7 +137,7 @@ class WorkerProcess:
         """The records written since the last call; once the process has ended, decides the outcome."""
         if self._process is None or self._handled:
             return []
-        ended = self._process.poll() is not None
+        ended = not self._group_alive()
         if self._cancel_deadline is not None and not ended and time.monotonic() > self._cancel_deadline:
             self._signal(force=True)  # ignored the polite request
             self._process.wait()
@@ -201,8 +201,7 @@ class WorkerProcess:
             return
         if self._cancel_deadline is None:
             self._cancel_deadline = time.monotonic() + CANCEL_GRACE_SECONDS
-            if self._process.poll() is None:
-                self._signal(force=False)
+            self._signal(force=False)
 
     def wait(self, timeout: float | None = None, on_records: Callable[[list[Record]], None] | None = None,
              interval: float = 0.1) -> bool:
@@ -220,8 +219,8 @@ class WorkerProcess:
         return True
 
     def cleanup(self) -> None:
-        """Remove the private folder (inputs, outputs, logs). A running process is killed first."""
-        if self.running:
+        """Remove the private folder (inputs, outputs, logs). Whatever is left of the worker is killed first."""
+        if self._process is not None and self.running:
             self._signal(force=True)
             self._process.wait()
         shutil.rmtree(self.folder, ignore_errors=True)

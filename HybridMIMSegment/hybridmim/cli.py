@@ -147,7 +147,10 @@ def _devices(args: argparse.Namespace) -> int:
     from .inference import available_devices
 
     devices = available_devices()
-    print(json.dumps(devices) if args.json else "\n".join(devices))
+    if args.progress == "json":
+        emit("result", devices=devices)
+    else:
+        print(json.dumps(devices) if args.json else "\n".join(devices))
     return 0
 
 
@@ -252,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     devices = commands.add_parser("devices", help="list the devices PyTorch can use here, best first")
     devices.add_argument("--json", action="store_true", help="print them as a JSON list")
+    _add_progress_options(devices)
     devices.set_defaults(run=_devices)
     return parser
 

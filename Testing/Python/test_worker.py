@@ -127,3 +127,32 @@ def test_repeated_list_options_add_up(option):
     base = [] if option == "--labeled" else ["--labeled", f"{SAMPLE_IMAGE}:{SAMPLE_LABEL}"]
     args = build_parser().parse_args(["finetune", *base, option, value, option, value, value])
     assert len(getattr(args, option[2:])) == 3
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process groups are POSIX")
+def test_cancel_reaches_the_interpreter_behind_a_launcher(tmp_path):
+    """PythonSlicer is a launcher that starts the real interpreter as a child and dies on SIGTERM at once: Cancel
+    must still stop the child, and the run counts as ended only when no process of it is left."""
+    launcher = tmp_path / "PythonLauncher"
+    launcher.write_text(f"#!{sys.executable}\n"
+                        "import os, signal, subprocess, sys\n"
+                        "signal.signal(signal.SIGTERM, lambda *a: os._exit(143))\n"
+                        "sys.exit(subprocess.call([sys.executable, *sys.argv[1:]]))\n")
+    launcher.chmod(0o755)
+    worker = WorkerProcess("test").start(
+        ["finetune", "--labeled", f"{SAMPLE_IMAGE}:{SAMPLE_LABEL}", "--device", "cpu", "--steps", "100000"],
+        python=str(launcher))
+    deadline = time.monotonic() + 180
+    while not any(r["event"] == "step" for r in worker.records) and time.monotonic() < deadline:
+        worker.poll()
+        time.sleep(0.05)
+    assert any(r["event"] == "step" for r in worker.records), worker.log_tail()
+    group = worker._process.pid
+    worker.cancel()
+    assert worker.wait(60)
+    assert isinstance(worker.error, Cancelled)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(group, 0)  # launcher and interpreter are both gone
+    assert not worker.folder.exists()
+    folder = user_models_dir()
+    assert not folder.exists() or not list(folder.iterdir())

@@ -12,8 +12,12 @@ if [[ -z "${SLICER_EXECUTABLE:-}" ]]; then
   echo "SLICER_EXECUTABLE is not set: point it at the Slicer launcher to run the in-Slicer self-test." >&2
   exit 2
 fi
+# Linux without a display: the test opens dialogs and a plot widget, so give it a virtual one
+display=()
+if [[ "$(uname)" == Linux && -z "${DISPLAY:-}" ]] && command -v xvfb-run >/dev/null; then display=(xvfb-run -a); fi
 paths="$PWD/HybridMIMSegment"
 [[ -n "${HYBRIDMIM_EXTRA_MODULE_PATHS:-}" ]] && paths="$paths $HYBRIDMIM_EXTRA_MODULE_PATHS"
 # shellcheck disable=SC2086  # several paths, space-separated, as Slicer takes them
-exec timeout --kill-after=30 "${HYBRIDMIM_SELFTEST_TIMEOUT:-1800}" "$SLICER_EXECUTABLE" --no-splash --no-main-window \
+exec timeout --kill-after=30 "${HYBRIDMIM_SELFTEST_TIMEOUT:-1800}" "${display[@]}" "$SLICER_EXECUTABLE" \
+  --no-splash --no-main-window \
   --testing --additional-module-paths $paths --python-script "$PWD/Testing/Slicer/run_selftest.py"
