@@ -77,3 +77,20 @@ def test_extension_metadata_points_only_at_files_that_exist():
         assert urls, name
         for path in urls:
             assert (REPO / path).is_file(), f"{name} points at {path}, which does not exist"
+
+
+def test_loading_the_slicer_module_imports_nothing_heavy():
+    """What HybridMIMSegment.py imports from the engine at load time pulls in neither torch, MONAI, SimpleITK nor
+    numpy: the module opens before the Python packages are installed, and Slicer's process never imports torch."""
+    import subprocess
+    import sys
+
+    tree = ast.parse((MODULE / "HybridMIMSegment.py").read_text(encoding="utf-8"))
+    engine = [node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.module
+              and node.module.split(".")[0] in ("hybridmim", "HybridMIMSegmentLib")]
+    assert engine, "expected the module to read its defaults from the engine"
+    code = (f"import sys; sys.path.insert(0, {str(MODULE)!r}); "
+            + "; ".join(f"import {name}" for name in engine)
+            + "; print(sorted(m for m in ('torch', 'monai', 'SimpleITK', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
