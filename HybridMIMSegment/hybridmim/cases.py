@@ -8,10 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from .errors import InputImageError
-from .geometry import ModelGrid, image_to_canonical, model_grid, resize
+from .geometry import ModelGrid, image_to_canonical, model_grid, resize_labels
 from .imageio import read_volume
 from .model_card import ModelCard
 from .preprocessing import model_input
@@ -74,6 +73,5 @@ def load_case(card: ModelCard, image_path: ImageSource, label_path: ImageSource 
                                   f"(background) and {', '.join(f'{v} {n}' for v, n in card.label_names().items())}")
         if require_foreground and not values.any():
             raise InputImageError(f"The label map of '{name}' is empty (background only): nothing to learn from")
-        label = resize(torch.from_numpy(values.astype(np.uint8))[None], grid.model_shape, "nearest")[0]
-        label = label.numpy().astype(np.uint8)
+        label = resize_labels(values.astype(np.uint8), grid.model_shape, len(card.labels) + 1)
     return Case(name, volume, label, grid)

@@ -92,7 +92,7 @@ def image_to_canonical(image: sitk.Image, grid: ModelGrid) -> np.ndarray:
 
 
 def resize(volume: torch.Tensor, shape: Sequence[int], mode: str = "trilinear") -> torch.Tensor:
-    """Resize a (C, X, Y, Z) tensor to ``shape``; ``mode='nearest'`` for label maps."""
+    """Resize a (C, X, Y, Z) tensor to ``shape`` (images; label maps go through ``resize_labels``)."""
     if tuple(volume.shape[-3:]) == tuple(shape):
         return volume
     kwargs = {"align_corners": False} if mode == "trilinear" else {}
@@ -100,6 +100,24 @@ def resize(volume: torch.Tensor, shape: Sequence[int], mode: str = "trilinear") 
 
 
 UNDECIDED = 255  # cell marker in resized_argmax: its corners disagree (labels are < 255)
+ONE_HOT_BYTES = 1 << 30  # above this, label maps are resized with nearest-exact instead of one-hot interpolation
+
+
+def resize_labels(labels: np.ndarray, shape: Sequence[int], classes: int | None = None) -> np.ndarray:
+    """A (X, Y, Z) label map resized so that it stays aligned with its image (resized by ``resize``): the argmax
+    of the trilinearly interpolated one-hot maps, as nnU-Net does. PyTorch's legacy 'nearest' floors its source
+    index and moves every label by about half a voxel. Where the one-hot maps would not fit ``ONE_HOT_BYTES``,
+    'nearest-exact' (the same voxel centres as the images, no shift)."""
+    shape = tuple(int(n) for n in shape)
+    if tuple(labels.shape) == shape:
+        return labels.astype(np.uint8, copy=False)
+    classes = classes or int(labels.max()) + 1
+    if classes * labels.size * 4 > ONE_HOT_BYTES:
+        resized = F.interpolate(torch.from_numpy(labels.astype(np.uint8))[None, None].float(), size=shape,
+                                mode="nearest-exact")
+        return resized[0, 0].numpy().astype(np.uint8)
+    one_hot = torch.stack([torch.from_numpy(np.asarray(labels == value)) for value in range(classes)]).float()
+    return resized_argmax(one_hot, shape)
 
 
 def resized_argmax(scores: torch.Tensor, shape: Sequence[int], chunk_voxels: int = 1 << 22) -> np.ndarray:
