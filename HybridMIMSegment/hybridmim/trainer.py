@@ -20,7 +20,6 @@ import math
 import platform
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +31,7 @@ from .errors import HybridMIMError
 from .inference import DEFAULT_BLEND, DEFAULT_OVERLAP, DEFAULT_WINDOW_BATCH
 from .methods import DEFAULT_LEARNING_RATE, check_budget, check_method
 from .metrics import dice_per_label
+from .precision import training_autocast, training_precision
 from .progress import CancelToken
 from .sampling import PatchSampler
 from .semisupervised import box_mask, copy_paste, ema_update, mix, pseudo_labels, sigmoid_rampup, weighted_dice_ce
@@ -104,9 +104,11 @@ def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
 
 
 def hardware_name(device: torch.device) -> str:
+    """The device and the precision training ran in (cards record it)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        return f"{torch.cuda.get_device_name(device)}, {training_precision(device)}"
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, " \
+           f"{training_precision(device)})"
 
 
 class _Budget:
@@ -166,7 +168,7 @@ def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: 
     network.to(device).train()
     optimizer = torch.optim.AdamW(network.parameters(), lr=settings.learning_rate,
                                   weight_decay=settings.weight_decay)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = training_autocast(device)
     budget = _Budget(settings.steps, settings.minutes)
     validate_every = settings.validate_every or max(1, (settings.steps or 200) // 10)
     teacher: torch.nn.Module | None = None
