@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--device", default="auto", help="auto, cpu or cuda")
     train.add_argument("--log-dir", type=Path, help="folder for the loss log and the validation report")
     train.add_argument("--init", help="start from this model folder or id (e.g. a HybridMIM-pretrained model)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the checkpoint in --log-dir (written every 500 steps; the config's "
+                            "'checkpoint_every' changes that) after an interruption, with the same settings")
 
     evaluation = commands.add_parser("evaluate", help="Dice of a model on a dataset's validation or all cases")
     evaluation.add_argument("--model", required=True, help="model id or folder")
@@ -44,10 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "supervised":
             from .supervised import train_supervised
 
+            if args.resume and not args.log_dir:
+                raise HybridMIMError("--resume needs --log-dir: the checkpoint is kept there")
             if args.log_dir:
                 args.log_dir.mkdir(parents=True, exist_ok=True)
             folder = train_supervised(json.loads(args.config.read_text(encoding="utf-8")), args.dataset, args.output,
-                                      args.device, args.log_dir, args.steps, args.init)
+                                      args.device, args.log_dir, args.steps, args.init, args.resume)
             print(f"Model written to {folder}")
         elif args.command == "pretrain":
             from .pretraining.pretrain import pretrain

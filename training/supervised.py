@@ -22,7 +22,7 @@ from hybridmim.model_card import WEIGHTS_FILE, ModelCard
 from hybridmim.model_store import LoadedModel, initialise_from, save_model
 from hybridmim.networks import build_network
 from hybridmim.postprocessing import single_piece_labels
-from hybridmim.trainer import TrainProgress, TrainSettings, train_network
+from hybridmim.trainer import Checkpoint, TrainProgress, TrainSettings, train_network
 
 from .datalist import read_datalist, split_cases
 from .report import write_report
@@ -30,13 +30,17 @@ from .report import write_report
 logger = logging.getLogger(__name__)
 
 HALF_DICE_TOLERANCE = 0.001
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_EVERY = 500
 DEFAULT_TRAINING = {"steps": 2000, "learning_rate": 2e-3, "warmup_steps": 100, "validation_fraction": 0.2}
 
 
 def train_supervised(config: dict[str, Any], dataset_json: Path, output: Path, device: str = "auto",
-                     log_dir: Path | None = None, steps: int | None = None, init: str | None = None) -> Path:
+                     log_dir: Path | None = None, steps: int | None = None, init: str | None = None,
+                     resume: bool = False) -> Path:
     """Train, evaluate on the held-out split, write the model folder. ``init``: a model folder or id (e.g.
-    HybridMIM-pretrained) whose encoder and decoder start the network; its head is made anew."""
+    HybridMIM-pretrained) whose encoder and decoder start the network; its head is made anew. With ``log_dir`` a
+    checkpoint is kept there; ``resume`` continues from it."""
     settings = {**DEFAULT_TRAINING, **config.get("training", {})}
     if steps is not None:
         settings["steps"] = steps
@@ -66,13 +70,16 @@ def train_supervised(config: dict[str, Any], dataset_json: Path, output: Path, d
 
     def report_step(progress: TrainProgress) -> None:
         loss = sum(progress.losses.values())
-        bar.update(1)
+        bar.update(progress.step - bar.n)  # a resumed run starts past 0
         bar.set_postfix(loss=f"{loss:.4f}")
         if log and progress.step % 10 == 0:
             log.write(json.dumps({"step": progress.step, "loss": loss, "lr": progress.learning_rate}) + "\n")
             log.flush()
 
-    result = train_network(network, cases, [], card.patch_size, train_settings, target, progress=report_step)
+    checkpoint = Checkpoint(Path(log_dir) / CHECKPOINT, settings.get("checkpoint_every", CHECKPOINT_EVERY),
+                            resume) if log_dir else None
+    result = train_network(network, cases, [], card.patch_size, train_settings, target, progress=report_step,
+                           checkpoint=checkpoint)
     bar.close()
     if log:
         log.close()

@@ -16,6 +16,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -79,6 +80,10 @@ def image_label_pair(value: str) -> tuple[str, str]:
 
 def _finetune(args: argparse.Namespace) -> int:
     from .finetune import fine_tune, settings_from
+    from .trainer import Checkpoint
+
+    if args.resume and not args.checkpoint_dir:
+        raise HybridMIMError("--resume needs --checkpoint-dir: the checkpoint is kept there")
 
     rate = {} if args.learning_rate is None else {"learning_rate": args.learning_rate}
     settings = settings_from(args.method, args.steps, args.minutes, args.seed, len(args.labeled),
@@ -105,9 +110,11 @@ def _finetune(args: argparse.Namespace) -> int:
             else:
                 bar.write(message)
 
+        checkpoint = Checkpoint(Path(args.checkpoint_dir) / "checkpoint.pt", resume=args.resume) \
+            if args.checkpoint_dir else None
         folder = fine_tune(args.model, args.labeled, args.unlabeled, settings, validation=args.validation,
                            label_names=args.labels, model_id=args.id, device=args.device, progress=progress,
-                           status=status)
+                           status=status, checkpoint=checkpoint)
     from .model_card import ModelCard
 
     card = ModelCard.load(folder)
@@ -236,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"peak learning rate (default {DEFAULT_LEARNING_RATE:g}); lower, e.g. 1e-4, changes a "
                            "model of the same structures less (README, Fine-tuning)")
     tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--checkpoint-dir", metavar="DIR",
+                      help="keep a checkpoint of the run here (every 500 steps), to resume it after an interruption")
+    tune.add_argument("--resume", action="store_true",
+                      help="continue from the checkpoint in --checkpoint-dir (same volumes and settings)")
     tune.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or mps")
     _add_progress_options(tune)
     tune.set_defaults(run=_finetune)

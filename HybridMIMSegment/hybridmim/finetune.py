@@ -34,7 +34,7 @@ from .model_store import (
 from .networks import build_network, output_layer_names
 from .postprocessing import single_piece_labels
 from .progress import CancelToken
-from .trainer import TrainProgress, TrainSettings, train_network
+from .trainer import Checkpoint, TrainProgress, TrainSettings, train_network
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +43,12 @@ def fine_tune(model: str | Path, labeled: Sequence[tuple[ImageSource, ImageSourc
               validation: Sequence[tuple[ImageSource, ImageSource]] = (), label_names: Sequence[str] | None = None,
               model_id: str | None = None, device: str = "auto",
               progress: Callable[[TrainProgress], None] | None = None, cancel: CancelToken | None = None,
-              status: Callable[[str], None] = logger.info) -> Path:
+              status: Callable[[str], None] = logger.info, checkpoint: Checkpoint | None = None) -> Path:
     """Fine-tune ``model`` (id or folder) on ``labeled`` (image, label map) pairs and ``unlabeled`` images.
 
     Label maps use 0 for background and the model's label values (or 1..N for ``label_names``, a new label set).
     ``validation`` pairs are never trained on; their Dice is reported during training and written to the card.
+    ``checkpoint``: where training keeps its state, to resume an interrupted run (same inputs and settings).
     Returns the new model folder (already the active version of its id).
     """
     settings = settings or settings_from(labeled=len(labeled), unlabeled=len(unlabeled))
@@ -85,7 +86,7 @@ def fine_tune(model: str | Path, labeled: Sequence[tuple[ImageSource, ImageSourc
     status(f"Fine-tuning {parent.id} {parent.version} with {settings.method} on {target.type}"
            + (f" (new output layer for {', '.join(card.label_names().values())})" if remake_head else ""))
     result = train_network(network, labeled_cases, unlabeled_cases, card.patch_size, settings, target,
-                           validation_cases, progress, cancel)
+                           validation_cases, progress, cancel, checkpoint)
 
     if validation_volumes:
         status("Measuring Dice on the validation volumes")

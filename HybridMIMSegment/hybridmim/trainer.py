@@ -17,10 +17,13 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,6 +78,17 @@ class TrainSettings:
 
 
 @dataclass
+class Checkpoint:
+    """Where ``train_network`` keeps its state (written atomically every ``every`` steps) and whether to continue
+    from it. A resumed run with a step budget ends with the same weights as an uninterrupted one: weights,
+    optimiser, EMA teacher, step, time spent and every random state (samplers, mixing, dropout) are restored."""
+
+    path: Path
+    every: int = 500
+    resume: bool = False
+
+
+@dataclass
 class TrainProgress:
     """What the loop reports after each step; ``validation_dice`` (mean over labels) only on validation steps."""
 
@@ -112,11 +126,12 @@ def hardware_name(device: torch.device) -> str:
 
 
 class _Budget:
-    """Fraction of the budget used: the larger of steps done / steps and time spent / minutes."""
+    """Fraction of the budget used: the larger of steps done / steps and time spent / minutes (time spent before a
+    resume included)."""
 
-    def __init__(self, steps: int | None, minutes: float | None) -> None:
+    def __init__(self, steps: int | None, minutes: float | None, spent: float = 0.0) -> None:
         self.steps, self.seconds = steps, minutes * 60 if minutes else None
-        self.started = time.monotonic()
+        self.started = time.monotonic() - spent
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -148,12 +163,31 @@ def validation_dice(network: torch.nn.Module, cases: Sequence[Case], patch_size:
     return float(np.mean(scores))
 
 
+def _save_checkpoint(checkpoint: Checkpoint, state: dict[str, Any]) -> None:
+    """Write to a temporary file beside it, then rename: a kill leaves the previous checkpoint whole."""
+    checkpoint.path.parent.mkdir(parents=True, exist_ok=True)
+    partial = checkpoint.path.with_name(checkpoint.path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, checkpoint.path)
+
+
+def _load_checkpoint(checkpoint: Checkpoint, settings: TrainSettings, device: torch.device) -> dict[str, Any] | None:
+    if not (checkpoint.resume and checkpoint.path.is_file()):
+        return None
+    state = torch.load(checkpoint.path, map_location=device, weights_only=True)  # tensors and plain data only
+    if state.get("settings") != asdict(settings):
+        raise HybridMIMError(f"The checkpoint {checkpoint.path} is of a run with other settings; resume with the "
+                             "same settings, or start anew without --resume")
+    return state
+
+
 def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: Sequence[Case],
                   patch_size: Sequence[int], settings: TrainSettings, device: torch.device,
                   validation: Sequence[Case] = (), progress: Callable[[TrainProgress], None] | None = None,
-                  cancel: CancelToken | None = None) -> TrainResult:
+                  cancel: CancelToken | None = None, checkpoint: Checkpoint | None = None) -> TrainResult:
     """Train ``network`` in place on ``device``; returns what happened. Cancelling raises ``Cancelled`` at the next
-    step (the caller writes nothing)."""
+    step (the caller writes nothing). With ``checkpoint``, the state is saved every ``checkpoint.every`` steps and,
+    with ``checkpoint.resume``, the run continues from the saved state."""
     settings.check(len(unlabeled))
     if not labeled:
         raise HybridMIMError("At least one labelled volume is needed")
@@ -174,6 +208,22 @@ def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: 
     teacher: torch.nn.Module | None = None
     result = TrainResult(0, 0.0, hardware_name(device))
     step, fraction = 0, 0.0
+    saved = _load_checkpoint(checkpoint, settings, device) if checkpoint else None
+    if saved is not None:
+        network.load_state_dict(saved["network"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if saved["teacher"] is not None:
+            teacher = copy.deepcopy(network).eval().requires_grad_(False)
+            teacher.load_state_dict(saved["teacher"])
+        labeled_sampler.rng.bit_generator.state = saved["labeled_sampler"]
+        if unlabeled_sampler is not None:
+            unlabeled_sampler.rng.bit_generator.state = saved["unlabeled_sampler"]
+        generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch_rng"])
+        step, result.validation_dice = saved["step"], saved["validation_dice"]
+        budget = _Budget(settings.steps, settings.minutes, saved["seconds"])
+        fraction = budget.fraction(step)
+        logger.info("resumed at step %d (%.0f s spent)", step, saved["seconds"])
     while fraction < 1.0:
         if cancel is not None:
             cancel.raise_if_cancelled()
@@ -212,6 +262,15 @@ def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: 
             result.validation_dice = report.validation_dice
         if progress is not None:
             progress(report)
+        if checkpoint is not None and step % checkpoint.every == 0 and fraction < 1.0:
+            _save_checkpoint(checkpoint, {
+                "step": step, "seconds": budget.elapsed(), "settings": asdict(settings),
+                "network": network.state_dict(), "optimizer": optimizer.state_dict(),
+                "teacher": teacher.state_dict() if teacher is not None else None,
+                "labeled_sampler": labeled_sampler.rng.bit_generator.state,
+                "unlabeled_sampler": unlabeled_sampler.rng.bit_generator.state if unlabeled_sampler else None,
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "validation_dice": result.validation_dice})
     network.eval()
     result.steps, result.seconds = step, budget.elapsed()
     logger.info("%s: %d steps in %.0f s on %s", settings.method, step, result.seconds, result.hardware)
