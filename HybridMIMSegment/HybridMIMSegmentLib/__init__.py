@@ -1,2 +1,3 @@
-"""Slicer-side helpers of the HybridMIMSegment module: the MRML bridge, the background worker and the
-dependency installer. The engine itself lives in the ``hybridmim`` package next to this one."""
+"""Slicer-side helpers of the HybridMIMSegment module: the MRML bridge, the worker process (the ``hybridmim`` command
+line tool), Segment and Fine-tune from the scene, the dependency installer and the live plot. The engine itself
+lives in the ``hybridmim`` package next to this one; nothing here imports torch."""
