@@ -30,7 +30,7 @@ from .mrml_bridge import (
     reference_volume_node,
 )
 from .segmenting import mark_corrected
-from .worker import Record, WorkerProcess
+from .worker import Record, WorkerTask
 
 
 class FineTuneInputError(HybridMIMError):
@@ -276,7 +276,7 @@ def _write(image: sitk.Image, path: Path) -> str:
     return str(path)
 
 
-class FineTuneTask:
+class FineTuneTask(WorkerTask):
     """A fine-tuning run in a worker process (``hybridmim finetune``). Construct on the main thread: the inputs
     are written to the worker's private folder and the worker starts. ``poll`` (GUI timer) or ``wait`` advance it;
     ``rows`` are the steps so far, ``result`` the new model folder (already the active version of its id).
@@ -286,24 +286,19 @@ class FineTuneTask:
     def __init__(self, inputs: FineTuneInputs, model: str | Path, choice: FineTuneChoice, device: str = "auto",
                  model_id: str | None = None, seed: int = 0) -> None:
         self.inputs, self.model, self.choice = inputs, Path(model), choice
+        self.device, self.model_id, self.seed = device, model_id, seed
         self.rows: list[LogRow] = []
-        self.fraction, self.message = 0.0, "Starting the worker"
-        self.process = WorkerProcess("finetune")
-        try:
-            self.process.start(self._arguments(device, model_id, seed))
-        except BaseException:
-            self.process.cleanup()
-            raise
+        super().__init__("finetune")
 
-    def _arguments(self, device: str, model_id: str | None, seed: int) -> list[str]:
-        folder, inputs, choice = self.process.folder, self.inputs, self.choice
+    def arguments(self, folder: Path) -> list[str]:
+        inputs, choice = self.inputs, self.choice
 
         def pairs(kind: str, items: Sequence[tuple[sitk.Image, sitk.Image]]) -> list[str]:
             return [f"{_write(image, folder / f'{kind}-{i + 1}.nrrd')}:"
                     f"{_write(label, folder / f'{kind}-{i + 1}_label.nrrd')}" for i, (image, label) in enumerate(items)]
 
         arguments = ["finetune", "--model", str(self.model), "--labeled", *pairs("labelled", inputs.labeled),
-                     "--method", choice.method, "--device", device, "--seed", str(seed)]
+                     "--method", choice.method, "--device", self.device, "--seed", str(self.seed)]
         if inputs.unlabeled:
             arguments += ["--unlabeled", *(_write(image, folder / f"unlabelled-{i + 1}.nrrd")
                                            for i, image in enumerate(inputs.unlabeled))]
@@ -315,30 +310,15 @@ class FineTuneTask:
             arguments += ["--minutes", repr(float(choice.minutes))]
         if inputs.label_set.label_names is not None:
             arguments += ["--labels", *inputs.label_set.label_names]
-        if model_id:
-            arguments += ["--id", model_id]
+        if self.model_id:
+            arguments += ["--id", self.model_id]
         return arguments
-
-    @property
-    def done(self) -> bool:
-        return self.process.done
-
-    @property
-    def error(self) -> BaseException | None:
-        return self.process.error
 
     @property
     def result(self) -> Path | None:
         return Path(self.process.result["folder"]) if self.process.result else None
 
-    def poll(self) -> bool:
-        """Read the worker's news (steps, status); True once it has ended. The folder is removed when it ends."""
-        self._take(self.process.poll())
-        if self.process.done:
-            self.process.cleanup()
-        return self.process.done
-
-    def _take(self, records: list[Record]) -> None:
+    def take(self, records: list[Record]) -> None:
         for record in records:
             if record["event"] == "step":
                 row = LogRow.from_record(record)
@@ -347,22 +327,17 @@ class FineTuneTask:
             elif record["event"] == "status":
                 self.message = str(record.get("message", ""))
 
-    def cancel(self) -> None:
-        self.process.cancel()
-        self.message = "Cancelling"
-
     def wait(self, timeout: float | None = None, progress: Callable[[LogRow], None] | None = None) -> bool:
         """Block until done (True) or ``timeout`` seconds passed (False); ``progress`` gets each new step."""
-        def on_records(records: list[Record]) -> None:
-            before = len(self.rows)
-            self._take(records)
-            for row in self.rows[before:] if progress is not None else ():
-                progress(row)
+        seen = len(self.rows)
 
-        finished = self.process.wait(timeout, on_records)
-        if finished:
-            self.process.cleanup()
-        return finished
+        def on_records(records: list[Record]) -> None:
+            nonlocal seen
+            for row in self.rows[seen:] if progress is not None else ():
+                progress(row)
+            seen = len(self.rows)
+
+        return super().wait(timeout, on_records)
 
     def finish(self, progress: Callable[[LogRow], None] | None = None) -> Path:
         """Wait (scripts): the new model folder, or the worker's error raised here."""

@@ -18,7 +18,7 @@ from hybridmim.model_card import ModelCard
 from hybridmim.model_store import DEFAULT_MODEL, resolve_model
 
 from .mrml_bridge import image_from_volume_node, reference_volume_node, update_segmentation_node
-from .worker import Record, WorkerProcess
+from .worker import Record, WorkerTask
 
 #: Node attribute of a segmentation the user corrected (checked for fine-tuning, or fine-tuned on).
 CORRECTED_ATTRIBUTE = "HybridMIMSegment.Corrected"
@@ -60,9 +60,11 @@ def new_segmentation_node(volume_node, card: ModelCard):
     return node
 
 
-class SegmentTask:
+class SegmentTask(WorkerTask):
     """One Segment run. Construct on the main thread (it writes the input and starts the worker), then ``poll``
     (GUI timer) or ``wait``; ``apply`` puts the result into the scene. ``cancel`` leaves the scene unchanged."""
+
+    keep_outputs = True  # the label map is read by ``apply``, which removes the folder
 
     def __init__(self, volume_node, model_folder: str | Path, device: str = "auto", segmentation_node=None,
                  replace: bool = True) -> None:
@@ -71,51 +73,31 @@ class SegmentTask:
         if self.card.task != "segmentation":
             raise HybridMIMError(f"Model '{self.card.id}' is pre-trained only (it has no segmentation output): "
                                  "fine-tune it on a few corrected segmentations first")
-        image = image_from_volume_node(volume_node)
-        self.volume_node, self.replace = volume_node, replace
+        self.image = image_from_volume_node(volume_node)
+        self.volume_node, self.replace, self.device = volume_node, replace, device
         self.note = why_not_reuse(segmentation_node, volume_node)
         self.segmentation_node = None if self.note else segmentation_node
-        self.fraction, self.message = 0.0, "Starting the worker"
-        self.process = WorkerProcess("segment")
-        try:
-            source = self.process.folder / "input.nrrd"
-            sitk.WriteImage(image, str(source), useCompression=False)
-            self.output = self.process.folder / "labels.nrrd"
-            self.process.start(["segment", str(source), "-o", str(self.output), "--model", str(self.model_folder),
-                                "--device", device])
-        except BaseException:
-            self.process.cleanup()
-            raise
+        super().__init__("segment")
+        self.image = None  # written; do not hold a second copy of the voxels
 
-    @property
-    def done(self) -> bool:
-        return self.process.done
+    def arguments(self, folder: Path) -> list[str]:
+        source, self.output = folder / "input.nrrd", folder / "labels.nrrd"
+        sitk.WriteImage(self.image, str(source), useCompression=False)
+        return ["segment", str(source), "-o", str(self.output), "--model", str(self.model_folder),
+                "--device", self.device]
 
-    @property
-    def error(self) -> BaseException | None:
-        return self.process.error
-
-    def poll(self) -> bool:
-        """Read the worker's news (progress); True once it has ended."""
-        self._take(self.process.poll())
-        return self.process.done
-
-    def _take(self, records: list[Record]) -> None:
+    def take(self, records: list[Record]) -> None:
         for record in records:
             if record["event"] == "progress":
                 self.fraction, self.message = float(record.get("fraction") or 0.0), str(record.get("message", ""))
 
-    def cancel(self) -> None:
-        self.process.cancel()
-        self.message = "Cancelling"
-
     def wait(self, timeout: float | None = None, progress: Progress | None = None) -> bool:
+        """Block until done (True) or ``timeout`` seconds passed (False); ``progress(fraction, message)``."""
         def on_records(records: list[Record]) -> None:
-            self._take(records)
             if progress is not None:
                 progress(self.fraction, self.message)
 
-        return self.process.wait(timeout, on_records)
+        return super().wait(timeout, on_records)
 
     def apply(self):
         """Main thread, once ended: raise the worker's error, or import the labels and return the segmentation

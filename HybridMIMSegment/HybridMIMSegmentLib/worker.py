@@ -224,3 +224,61 @@ class WorkerProcess:
             self._signal(force=True)
             self._process.wait()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class WorkerTask:
+    """A worker run as the module sees it: ``fraction`` and ``message`` from its records, ``poll`` (GUI timer),
+    ``wait`` (scripts), ``cancel``. Subclasses write their inputs and name the command in ``arguments`` and read
+    their own records in ``take``. The private folder is removed when the run ends, unless ``keep_outputs`` (the
+    caller then reads them and calls ``process.cleanup``)."""
+
+    keep_outputs = False
+
+    def __init__(self, name: str) -> None:
+        self.fraction, self.message = 0.0, "Starting the worker"
+        self.process = WorkerProcess(name)
+        try:
+            self.process.start(self.arguments(self.process.folder))
+        except BaseException:
+            self.process.cleanup()
+            raise
+
+    def arguments(self, folder: Path) -> list[str]:
+        """Write the inputs into ``folder``; the command line tool's arguments."""
+        raise NotImplementedError
+
+    def take(self, records: list[Record]) -> None:
+        """Update the task from new records (progress, steps, status)."""
+
+    @property
+    def done(self) -> bool:
+        return self.process.done
+
+    @property
+    def error(self) -> BaseException | None:
+        return self.process.error
+
+    def poll(self) -> bool:
+        """Read the worker's news; True once it has ended."""
+        self.take(self.process.poll())
+        self._ended()
+        return self.process.done
+
+    def cancel(self) -> None:
+        self.process.cancel()
+        self.message = "Cancelling"
+
+    def wait(self, timeout: float | None = None, on_records: Callable[[list[Record]], None] | None = None) -> bool:
+        """Block until done (True) or ``timeout`` seconds passed (False)."""
+        def handle(records: list[Record]) -> None:
+            self.take(records)
+            if on_records is not None:
+                on_records(records)
+
+        finished = self.process.wait(timeout, handle)
+        self._ended()
+        return finished
+
+    def _ended(self) -> None:
+        if self.process.done and not self.keep_outputs:
+            self.process.cleanup()
