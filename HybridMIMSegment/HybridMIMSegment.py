@@ -61,8 +61,9 @@ class HybridMIMSegment(ScriptedLoadableModule):
             "<br><b>Fine-tune</b>: correct a few results in Segment Editor, check them (and any unlabelled volumes) "
             "in the Fine-tune section, pick a method and a time budget and click Fine-tune: the model is adapted in "
             "the background (live loss plot; Cancel writes nothing) into a new version in the user models folder, "
-            "which is then selected; earlier versions stay and one click reverts to them. Checked (corrected) "
-            "segmentations are never written into again: Segment puts new results into a new segmentation. "
+            "which is then selected; earlier versions stay and one click reverts to them. A segmentation you "
+            "edited, checked as corrected or drew yourself is never written into: Segment puts its result into a "
+            "new segmentation. "
             "Models are bundled: nothing is downloaded. Research use only, not for diagnosis. "
             '<a href="https://github.com/HybridMIMSegment/HybridMIMSegment#readme">Documentation</a>.')
         self.parent.acknowledgementText = _(
@@ -97,11 +98,12 @@ def registerSampleData() -> None:
 @parameterNodeWrapper
 class HybridMIMSegmentParameterNode:
     """inputVolume: volume to segment. model: id or folder of the model (bundled or user). device: auto (GPU when
-    present), cuda, mps (Apple), cpu. outputSegmentation: where results go (a new node when empty, when it holds
-    corrections, or when it belongs to another volume). replaceSegments: overwrite segments of the same name
-    instead of adding new ones. fineTuneMethod, fineTuneMinutes: how and how long to fine-tune. holdOutForDice:
-    keep the last checked segmentation out of training to measure Dice on it. segmentAfterFineTune: segment the
-    input volume with the new version, into a new segmentation, when fine-tuning is done."""
+    present), cuda, mps (Apple), cpu. outputSegmentation: where results go (a new node when empty, or when the
+    chosen one holds anything but Segment's own unedited result for this volume). replaceSegments: overwrite
+    segments of the same name instead of adding new ones. fineTuneMethod, fineTuneMinutes: how and how long to
+    fine-tune. holdOutForDice: keep the last checked segmentation out of training to measure Dice on it.
+    segmentAfterFineTune: segment the input volume with the new version, into a new segmentation, when
+    fine-tuning is done."""
 
     inputVolume: vtkMRMLScalarVolumeNode
     model: str = DEFAULT_MODEL

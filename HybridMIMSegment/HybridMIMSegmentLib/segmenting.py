@@ -2,12 +2,15 @@
 
 Main thread only (MRML). The volume is written with its exact geometry to the worker's private folder, the
 worker (``hybridmim segment``) writes a label map there, and ``apply`` imports it. Where the result goes is decided
-here, once: a user's corrected segmentation and a segmentation of another volume are never written into; a new
-node is made instead (``SegmentTask.note`` says why).
+here, once: Segment writes into a chosen segmentation only when it is empty, or when it holds exactly what Segment
+last wrote there for this volume (a fingerprint of its voxels is kept on the node). A segmentation the user
+edited, checked as corrected, drew alone, or made for another volume is never written into: a new node is made
+instead (``SegmentTask.note`` says why).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,11 +20,18 @@ from hybridmim.errors import HybridMIMError
 from hybridmim.model_card import ModelCard
 from hybridmim.model_store import DEFAULT_MODEL, resolve_model
 
-from .mrml_bridge import image_from_volume_node, reference_volume_node, update_segmentation_node
+from .mrml_bridge import (
+    image_from_volume_node,
+    labelmap_array_from_segmentation,
+    reference_volume_node,
+    update_segmentation_node,
+)
 from .worker import Record, WorkerTask
 
 #: Node attribute of a segmentation the user corrected (checked for fine-tuning, or fine-tuned on).
 CORRECTED_ATTRIBUTE = "HybridMIMSegment.Corrected"
+#: Node attribute: fingerprint of the voxels Segment last wrote (any later edit changes it).
+WRITTEN_ATTRIBUTE = "HybridMIMSegment.Written"
 
 Progress = Callable[[float, str], None]
 
@@ -35,6 +45,16 @@ def is_corrected(segmentation_node) -> bool:
     return segmentation_node is not None and segmentation_node.GetAttribute(CORRECTED_ATTRIBUTE) == "true"
 
 
+def fingerprint(segmentation_node, volume_node) -> str:
+    """What the segmentation holds on the volume's grid: segment ids, names, and the voxels of each."""
+    segmentation = segmentation_node.GetSegmentation()
+    ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+    digest = hashlib.sha256(repr([(i, segmentation.GetSegment(i).GetName()) for i in ids]).encode())
+    if ids:
+        digest.update(labelmap_array_from_segmentation(segmentation_node, ids, volume_node).tobytes())
+    return f"{volume_node.GetID()}:{digest.hexdigest()}"
+
+
 def why_not_reuse(segmentation_node, volume_node) -> str | None:
     """Why a new result must not go into ``segmentation_node`` (None: it may)."""
     if segmentation_node is None:
@@ -45,10 +65,13 @@ def why_not_reuse(segmentation_node, volume_node) -> str | None:
     if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
         return None
     reference = reference_volume_node(segmentation_node)
-    if reference is None:
-        return f"'{name}' was not made on '{volume_node.GetName()}'"
-    if reference.GetID() != volume_node.GetID():
+    if reference is not None and reference.GetID() != volume_node.GetID():
         return f"'{name}' belongs to volume '{reference.GetName()}'"
+    written = segmentation_node.GetAttribute(WRITTEN_ATTRIBUTE)
+    if not written or reference is None:
+        return f"'{name}' was not made by Segment on '{volume_node.GetName()}'"
+    if written != fingerprint(segmentation_node, volume_node):
+        return f"'{name}' was edited after Segment wrote it, and edits are never overwritten"
     return None
 
 
@@ -117,6 +140,7 @@ class SegmentTask(WorkerTask):
                 if created:
                     node.GetScene().RemoveNode(node)
                 raise
+            node.SetAttribute(WRITTEN_ATTRIBUTE, fingerprint(node, self.volume_node))
             self.segmentation_node = node
             return node
         finally:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import SAMPLE_IMAGE
+from conftest import SAMPLE_IMAGE, SAMPLE_LABEL
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is installed by the test set-up (./setup.sh test)")
 vtk = pytest.importorskip("vtk")
@@ -124,3 +124,27 @@ def test_a_pretrained_only_model_is_refused_before_any_work(scene):
     volume = load_volume_node(scene, SAMPLE_IMAGE)
     with pytest.raises(Exception, match="pre-trained only"):
         start_segment(volume, "hybridmim-cnn-pretrained", device="cpu")
+
+
+def test_an_edited_result_is_not_overwritten_even_unchecked(scene):
+    """Edits count as corrections whether or not the user checked the segmentation for fine-tuning."""
+    volume = load_volume_node(scene, SAMPLE_IMAGE)
+    result = segment(volume, MODEL, device="cpu")
+    edited = correct(result, volume, ModelCard.load(resolve_model(MODEL)))
+    assert not is_corrected(result)
+    task = start_segment(volume, MODEL, device="cpu", segmentation_node=result)
+    assert "edited after Segment wrote it" in task.note
+    assert task.finish() is not result
+    assert np.array_equal(labels_of(result, volume), edited)
+
+
+def test_a_segmentation_drawn_by_the_user_is_not_overwritten(scene):
+    volume = load_volume_node(scene, SAMPLE_IMAGE)
+    drawn = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn by hand")
+    card = ModelCard.load(resolve_model(MODEL))
+    update_segmentation_node(drawn, sitk.ReadImage(str(SAMPLE_LABEL)), card.labels, volume)  # same names
+    before = labels_of(drawn, volume)
+    task = start_segment(volume, MODEL, device="cpu", segmentation_node=drawn)
+    assert "not made by Segment" in task.note
+    assert task.finish() is not drawn
+    assert np.array_equal(labels_of(drawn, volume), before)
