@@ -140,6 +140,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._fineTuneTimer.setInterval(250)
         self._fineTuneTimer.connect("timeout()", self._pollFineTune)
         self._devices: list[str] = []  # what the worker's PyTorch sees (asked on macOS only, for mps)
+        self._deviceQuery = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -174,9 +175,10 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onCancelFineTune()
         self._timer.stop()
         self._fineTuneTimer.stop()
-        for task in (self._task, self._fineTuneTask):
-            if task is not None:
-                task.process.cleanup()  # the application is closing: do not leave a worker behind
+        for process in (self._task and self._task.process, self._fineTuneTask and self._fineTuneTask.process,
+                        self._deviceQuery):
+            if process is not None:
+                process.cleanup()  # the module is unloaded (the application is closing): leave no worker behind
         self.removeObservers()
 
     def enter(self) -> None:
@@ -200,9 +202,10 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            firstVolumeNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if firstVolumeNode:
-                self._parameterNode.inputVolume = firstVolumeNode
+            volumes = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+            grey = [v for v in volumes if not v.IsA("vtkMRMLLabelMapVolumeNode")]
+            if grey:
+                self._parameterNode.inputVolume = grey[0]
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
@@ -238,7 +241,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         if platform.system() != "Darwin" or missing_packages():
             return
-        query = WorkerProcess("devices").start(["devices"])
+        query = self._deviceQuery = WorkerProcess("devices").start(["devices"])
 
         def check() -> None:
             query.poll()
@@ -247,6 +250,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             self._devices = (query.result or {}).get("devices", [])
             query.cleanup()
+            self._deviceQuery = None
             if self._parameterNode:
                 self._labelChoiceItems()
 
@@ -462,13 +466,13 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p = self._parameterNode
             self._fineTuneTask = self.logic.startFineTune(inputs, model=p.model, method=p.fineTuneMethod,
                                                           minutes=p.fineTuneMinutes, device=p.device)
-            self._startPlot()
+            self._fineTuneTimer.start()  # polled from now on, whatever happens below
             self.ui.fineTuneProgressBar.value = 0
             self.ui.fineTuneProgressBar.show()
             notes = " ".join(inputs.notes)
             self.ui.fineTuneStatusLabel.text = _("Starting: {summary}.").format(summary=inputs.summary()) + (
                 f" {notes}" if notes else "")
-            self._fineTuneTimer.start()
+            self._startPlot()
 
     def _startPlot(self) -> None:
         """Show the (emptied) loss plot in the section; its nodes are hidden, unsaved and reused."""
@@ -525,16 +529,23 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.util.errorDisplay(_("Fine-tuning failed: {error}").format(error=task.error))
                 logging.error("Fine-tuning failed: %s", task.error)
             else:
-                self._fineTuneDone(task.result)
+                self._fineTuneDone(task)
         finally:
             self._updateButtons()
 
-    def _fineTuneDone(self, folder) -> None:
+    def _fineTuneDone(self, task) -> None:
         """Select the new version and, if asked, segment the input volume with it into a new segmentation (the
-        corrected ones are never written into)."""
+        corrected ones are never written into). A run that completed although cancelled is only reported."""
+        folder = task.result
+        card = self.logic.cardOfFolder(folder)
+        if task.process.cancelling or not self._parameterNode:
+            self.refreshModels()
+            self.ui.fineTuneStatusLabel.text = _("Fine-tuning had finished before the cancel took effect: version "
+                                                 "{id} {version} was written and is active; use the Versions list "
+                                                 "to go back.").format(id=card.id, version=card.version)
+            return
         self._parameterNode.model = str(folder)
         self.refreshModels()
-        card = self.logic.cardOfFolder(folder)
         self.ui.fineTuneStatusLabel.text = _("New version {id} {version} selected ({folder}).").format(
             id=card.id, version=card.version, folder=folder) + "\n" + card.validation_summary()
         if self._parameterNode.segmentAfterFineTune and self._parameterNode.inputVolume:
@@ -884,15 +895,21 @@ class HybridMIMSegmentTest(ScriptedLoadableModuleTest):
         self.assertTrue(widget.ui.fineTuneButton.enabled)
         segmentations = slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
 
+        self.addCleanup(widget.refreshModels)  # after tearDown: list the user's own models again
         widget.ui.fineTuneButton.click()
-        self.assertTrue(widget.ui.fineTuneCancelButton.enabled)
-        self.assertFalse(widget.ui.segmentButton.enabled)
-        deadline = time.monotonic() + 600
-        while (widget._fineTuneTask is not None or widget._task is not None) and time.monotonic() < deadline:
-            slicer.app.processEvents()
-            time.sleep(0.05)
-        self.assertIsNone(widget._fineTuneTask)
-        self.assertIsNone(widget._task)
+        try:
+            self.assertTrue(widget.ui.fineTuneCancelButton.enabled)
+            self.assertFalse(widget.ui.segmentButton.enabled)
+            deadline = time.monotonic() + 600
+            while (widget._fineTuneTask is not None or widget._task is not None) and time.monotonic() < deadline:
+                slicer.app.processEvents()
+                time.sleep(0.05)
+            self.assertIsNone(widget._fineTuneTask)
+            self.assertIsNone(widget._task)
+        finally:  # a run still going must not write into the next test's (or the user's) models folder
+            for task in (widget._fineTuneTask, widget._task):
+                if task is not None:
+                    task.process.cleanup()
 
         card = self.logic.cardOfFolder(parameters.model)
         self.assertIn("-ft.", card.version)

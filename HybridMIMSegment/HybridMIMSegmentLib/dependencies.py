@@ -38,14 +38,16 @@ def installed_version(distribution: str) -> Version | None:
 
 
 def torch_requirement() -> Requirement:
-    """The torch the installed MONAI declares (its unconditional requirement), else ``TORCH_FALLBACK``."""
+    """The torch the installed MONAI declares for this platform (requirements whose environment marker holds
+    here, outside extras), else ``TORCH_FALLBACK``."""
     try:
         declared = importlib.metadata.requires("monai") or []
     except importlib.metadata.PackageNotFoundError:
         declared = []
     for text in declared:
         requirement = Requirement(text)
-        if requirement.name == "torch" and requirement.marker is None:
+        if requirement.name == "torch" and (requirement.marker is None
+                                            or requirement.marker.evaluate({"extra": ""})):
             return requirement
     return Requirement(TORCH_FALLBACK)
 

@@ -281,7 +281,10 @@ class FineTuneTask(WorkerTask):
     are written to the worker's private folder and the worker starts. ``poll`` (GUI timer) or ``wait`` advance it;
     ``rows`` are the steps so far, ``result`` the new model folder (already the active version of its id).
     Cancel writes nothing: the worker unwinds on SIGTERM, is killed after a grace period, and the engine only
-    renames a complete model folder into place."""
+    renames a complete model folder into place. A run that completes although Cancel was pressed (it was
+    already writing the model) reports its result: the new version exists and is active."""
+
+    cancel_discards_result = False
 
     def __init__(self, inputs: FineTuneInputs, model: str | Path, choice: FineTuneChoice, device: str = "auto",
                  model_id: str | None = None, seed: int = 0) -> None:

@@ -130,8 +130,16 @@ class SegmentTask(WorkerTask):
                 raise self.process.error
             if not self.process.done:
                 raise HybridMIMError("Segment has not finished yet")
+            if self.volume_node.GetScene() is None:
+                raise HybridMIMError(f"Volume '{self.volume_node.GetName()}' was removed from the scene while it "
+                                     "was being segmented; nothing was written")
+            node = self.segmentation_node
+            if node is not None:  # decided again: it may have been checked, edited or removed meanwhile
+                self.note = "the chosen segmentation was removed" if node.GetScene() is None else \
+                    why_not_reuse(node, self.volume_node)
+                node = None if self.note else node
             labelmap = sitk.ReadImage(str(self.output))
-            node, created = self.segmentation_node, self.segmentation_node is None
+            created = node is None
             if created:
                 node = new_segmentation_node(self.volume_node, self.card)
             try:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridmim.errors import Cancelled, HybridMIMError
+from hybridmim.progress import PARENT_ENVIRONMENT
 
 #: Where the ``hybridmim`` package lives: the worker imports it from here, whatever the current directory.
 ENGINE_PARENT = Path(__file__).resolve().parents[1]
@@ -52,6 +53,7 @@ def worker_environment() -> dict[str, str]:
     environment = dict(os.environ)
     environment["PYTHONPATH"] = os.pathsep.join([str(ENGINE_PARENT), *filter(None, [environment.get("PYTHONPATH")])])
     environment["PYTHONUNBUFFERED"] = "1"
+    environment[PARENT_ENVIRONMENT] = str(os.getpid())  # the worker stops if this process dies
     return environment
 
 
@@ -62,7 +64,11 @@ class WorkerProcess:
     by ``cleanup`` (after the caller has read the results) and at once on cancel or failure.
     """
 
-    def __init__(self, name: str = "run") -> None:
+    def __init__(self, name: str = "run", cancel_discards_result: bool = True) -> None:
+        """``cancel_discards_result``: a run that completed although Cancel was pressed counts as cancelled (a
+        segmentation not yet in the scene). False where the result already exists for everyone (a fine-tune's
+        model, written and made active): it is reported, not hidden."""
+        self.cancel_discards_result = cancel_discards_result
         self.folder = Path(tempfile.mkdtemp(prefix=f"HybridMIMSegment-{name}-"))
         self.records: list[Record] = []
         self.result: Record | None = None
@@ -174,9 +180,10 @@ class WorkerProcess:
         code = self._process.returncode
         results = [r for r in self.records if r["event"] == "result"]
         errors = [r for r in self.records if r["event"] == "error"]
-        if self._cancel_deadline is not None:
+        completed = code == 0 and results
+        if self._cancel_deadline is not None and not (completed and not self.cancel_discards_result):
             self.error = Cancelled("Cancelled by the user; nothing was written.")
-        elif code == 0 and results:
+        elif completed:
             self.result = results[-1]
         elif errors:
             self.error = HybridMIMError(errors[-1].get("message") or "The worker reported an error")
@@ -233,10 +240,11 @@ class WorkerTask:
     caller then reads them and calls ``process.cleanup``)."""
 
     keep_outputs = False
+    cancel_discards_result = True
 
     def __init__(self, name: str) -> None:
         self.fraction, self.message = 0.0, "Starting the worker"
-        self.process = WorkerProcess(name)
+        self.process = WorkerProcess(name, self.cancel_discards_result)
         try:
             self.process.start(self.arguments(self.process.folder))
         except BaseException:

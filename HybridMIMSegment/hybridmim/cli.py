@@ -12,9 +12,12 @@ import argparse
 import json
 import logging
 import math
+import os
 import re
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from tqdm import tqdm
 from .errors import HybridMIMError
 from .methods import DEFAULT_LEARNING_RATE
 from .model_store import DEFAULT_MODEL, active_versions, list_models, model_versions, set_active_version
+from .progress import PARENT_ENVIRONMENT
 
 
 def emit(event: str, **fields) -> None:
@@ -114,7 +118,7 @@ def _finetune(args: argparse.Namespace) -> int:
             if args.checkpoint_dir else None
         folder = fine_tune(args.model, args.labeled, args.unlabeled, settings, validation=args.validation,
                            label_names=args.labels, model_id=args.id, device=args.device, progress=progress,
-                           status=status, checkpoint=checkpoint)
+                           status=status, checkpoint=checkpoint, before_saving=_ignore_termination)
     from .model_card import ModelCard
 
     card = ModelCard.load(folder)
@@ -276,11 +280,38 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _ignore_termination() -> None:
+    """From here on the run completes: a model being written and made active is not left half-way, and the
+    result record that follows tells the caller it exists."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _stop_with_parent() -> None:
+    """As the Slicer module's worker: stop (as on Cancel) when the Slicer process is gone (POSIX)."""
+    parent = os.environ.get(PARENT_ENVIRONMENT, "")
+    if os.name != "posix" or not parent.isdigit():
+        return
+
+    def watch() -> None:
+        while True:
+            time.sleep(2.0)
+            try:
+                os.kill(int(parent), 0)
+            except ProcessLookupError:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            except PermissionError:  # alive, another user's: not ours to judge
+                continue
+
+    threading.Thread(target=watch, name="parent watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     json_records = getattr(args, "progress", None) == "json"
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    _stop_with_parent()
     try:
         return args.run(args)
     except HybridMIMError as error:

@@ -43,12 +43,15 @@ def fine_tune(model: str | Path, labeled: Sequence[tuple[ImageSource, ImageSourc
               validation: Sequence[tuple[ImageSource, ImageSource]] = (), label_names: Sequence[str] | None = None,
               model_id: str | None = None, device: str = "auto",
               progress: Callable[[TrainProgress], None] | None = None, cancel: CancelToken | None = None,
-              status: Callable[[str], None] = logger.info, checkpoint: Checkpoint | None = None) -> Path:
+              status: Callable[[str], None] = logger.info, checkpoint: Checkpoint | None = None,
+              before_saving: Callable[[], None] | None = None) -> Path:
     """Fine-tune ``model`` (id or folder) on ``labeled`` (image, label map) pairs and ``unlabeled`` images.
 
     Label maps use 0 for background and the model's label values (or 1..N for ``label_names``, a new label set).
     ``validation`` pairs are never trained on; their Dice is reported during training and written to the card.
     ``checkpoint``: where training keeps its state, to resume an interrupted run (same inputs and settings).
+    ``before_saving`` is called once training and evaluation are done, before the model is written and made
+    active (the command line tool stops honouring SIGTERM there, so the two are never left half-done).
     Returns the new model folder (already the active version of its id).
     """
     settings = settings or settings_from(labeled=len(labeled), unlabeled=len(unlabeled))
@@ -110,6 +113,8 @@ def fine_tune(model: str | Path, labeled: Sequence[tuple[ImageSource, ImageSourc
         "hardware": result.hardware, "settings": asdict(settings),
     }
     card.weights = {"file": WEIGHTS_FILE, "sha256": ""}
+    if before_saving is not None:
+        before_saving()
     folder = save_model(user_models_dir() / f"{card.id}-{card.version}", network.cpu(), card)
     set_active_version(card.id, card.version)
     status(f"New model version {card.id} {card.version} written to {folder}")

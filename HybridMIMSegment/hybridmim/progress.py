@@ -7,6 +7,10 @@ from collections.abc import Callable
 
 from .errors import Cancelled
 
+#: Environment variable naming the process a worker serves (the Slicer application): the worker stops when it is
+#: gone, so a crashed or killed Slicer leaves no fine-tune running on to write a model.
+PARENT_ENVIRONMENT = "HYBRIDMIM_PARENT_PID"
+
 #: Called with (fraction done in [0, 1], short message).
 ProgressCallback = Callable[[float, str], None]
 

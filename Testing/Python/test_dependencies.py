@@ -26,8 +26,23 @@ def test_torch_is_held_to_what_monai_declares():
     import importlib.metadata
 
     declared = [Requirement(r) for r in importlib.metadata.requires("monai")]
-    expected = next(r for r in declared if r.name == "torch" and r.marker is None)
+    expected = next(r for r in declared if r.name == "torch"
+                    and (r.marker is None or r.marker.evaluate({"extra": ""})))
     assert torch_requirement() == expected
+
+
+def test_platform_specific_torch_requirements_are_honoured(monkeypatch):
+    """MONAI 1.5 declares torch only behind platform markers; the one for this platform applies."""
+    import importlib.metadata
+    import platform
+
+    import HybridMIMSegmentLib.dependencies as dependencies
+
+    declared = ["numpy>=1.24", "torch>=2.4.1; platform_system != 'Windows'",
+                "torch!=2.7.0,>=2.4.1; platform_system == 'Windows'", "torch>=9; extra == 'all'"]
+    monkeypatch.setattr(importlib.metadata, "requires", lambda name: declared)
+    expected = "torch!=2.7.0,>=2.4.1" if platform.system() == "Windows" else "torch>=2.4.1"
+    assert str(dependencies.torch_requirement()).split(";")[0].replace(" ", "") == expected
 
 
 def test_unmet_says_what_and_why():

@@ -148,3 +148,16 @@ def test_a_segmentation_drawn_by_the_user_is_not_overwritten(scene):
     assert "not made by Segment" in task.note
     assert task.finish() is not drawn
     assert np.array_equal(labels_of(drawn, volume), before)
+
+
+def test_a_segmentation_checked_while_segment_runs_is_not_written_into(scene):
+    from HybridMIMSegmentLib.segmenting import mark_corrected
+
+    volume = load_volume_node(scene, SAMPLE_IMAGE)
+    result = segment(volume, MODEL, device="cpu")
+    before = labels_of(result, volume)
+    task = start_segment(volume, MODEL, device="cpu", segmentation_node=result)
+    assert task.note is None  # Segment's own, unedited result: it may be updated in place...
+    mark_corrected(result)  # ...but the user checks it as corrected before the run ends
+    assert task.finish() is not result and "corrections" in task.note
+    assert np.array_equal(labels_of(result, volume), before)

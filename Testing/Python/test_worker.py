@@ -156,3 +156,36 @@ def test_cancel_reaches_the_interpreter_behind_a_launcher(tmp_path):
     assert not worker.folder.exists()
     folder = user_models_dir()
     assert not folder.exists() or not list(folder.iterdir())
+
+
+@pytest.mark.parametrize("discards", [True, False], ids=["segment-like", "fine-tune-like"])
+def test_a_run_that_completed_before_the_cancel(discards):
+    """A segmentation not yet in the scene is dropped; a fine-tune's model, already written and active, is
+    reported rather than hidden."""
+    worker = WorkerProcess("test", cancel_discards_result=discards).start(
+        ["finetune", "--labeled", f"{SAMPLE_IMAGE}:{SAMPLE_LABEL}", "--device", "cpu", "--steps", "1"])
+    worker._process.wait(300)  # it has finished; nobody has polled yet
+    worker.cancel()
+    assert worker.wait(30)
+    if discards:
+        assert isinstance(worker.error, Cancelled) and worker.result is None
+    else:
+        assert worker.error is None and worker.result["version"] == "1.0.0-ft.1"
+    worker.cleanup()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the parent watch is POSIX")
+def test_the_worker_stops_when_the_application_is_gone(tmp_path):
+    """A crashed or killed Slicer leaves no fine-tune running on to write a model."""
+    application = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(4)"])
+    env = {**os.environ, "PYTHONPATH": str(REPO / "HybridMIMSegment"), "HYBRIDMIM_PARENT_PID": str(application.pid)}
+    worker = subprocess.Popen([sys.executable, "-m", "hybridmim.cli", "finetune", "--labeled",
+                               f"{SAMPLE_IMAGE}:{SAMPLE_LABEL}", "--device", "cpu", "--steps", "100000",
+                               "--progress", "json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True)
+    application.wait()
+    output, _ = worker.communicate(timeout=120)
+    assert worker.returncode == 130
+    assert json.loads(output.strip().splitlines()[-1])["event"] == "cancelled"
+    folder = user_models_dir()
+    assert not folder.exists() or not list(folder.iterdir())

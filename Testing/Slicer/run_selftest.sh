@@ -17,7 +17,12 @@ display=()
 if [[ "$(uname)" == Linux && -z "${DISPLAY:-}" ]] && command -v xvfb-run >/dev/null; then display=(xvfb-run -a); fi
 paths="$PWD/HybridMIMSegment"
 [[ -n "${HYBRIDMIM_EXTRA_MODULE_PATHS:-}" ]] && paths="$paths $HYBRIDMIM_EXTRA_MODULE_PATHS"
+# a time limit: coreutils timeout (gtimeout on macOS with Homebrew coreutils); without one, a warning
+limit=()
+for tool in timeout gtimeout; do
+  if command -v "$tool" >/dev/null; then limit=("$tool" --kill-after=30 "${HYBRIDMIM_SELFTEST_TIMEOUT:-1800}"); break; fi
+done
+[[ ${#limit[@]} -gt 0 ]] || echo "warning: no 'timeout' command: the self-test runs without a time limit" >&2
 # shellcheck disable=SC2086  # several paths, space-separated, as Slicer takes them
-exec timeout --kill-after=30 "${HYBRIDMIM_SELFTEST_TIMEOUT:-1800}" "${display[@]}" "$SLICER_EXECUTABLE" \
-  --no-splash --no-main-window \
+exec ${limit[@]+"${limit[@]}"} ${display[@]+"${display[@]}"} "$SLICER_EXECUTABLE" --no-splash --no-main-window \
   --testing --additional-module-paths $paths --python-script "$PWD/Testing/Slicer/run_selftest.py"
