@@ -113,6 +113,9 @@ def fine_tune(model: str | Path, labeled: Sequence[tuple[ImageSource, ImageSourc
         "hardware": result.hardware, "settings": asdict(settings),
     }
     card.weights = {"file": WEIGHTS_FILE, "sha256": ""}
+    if not all(torch.isfinite(t).all() for t in network.state_dict().values() if t.is_floating_point()):
+        raise HybridMIMError("Training diverged (weights are not finite numbers): nothing was written; try a lower "
+                             "learning rate")
     if before_saving is not None:
         before_saving()
     folder = save_model(user_models_dir() / f"{card.id}-{card.version}", network.cpu(), card)

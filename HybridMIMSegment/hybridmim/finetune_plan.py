@@ -8,7 +8,7 @@ import re
 from collections.abc import Sequence
 
 from .errors import HybridMIMError
-from .model_card import Label, ModelCard
+from .model_card import ID_PATTERN, Label, ModelCard
 
 PALETTE = [(0.90, 0.35, 0.30), (0.30, 0.60, 0.90), (0.40, 0.80, 0.40), (0.95, 0.80, 0.30), (0.70, 0.45, 0.85),
            (0.30, 0.80, 0.80), (0.95, 0.55, 0.75), (0.60, 0.60, 0.60)]
@@ -29,7 +29,7 @@ def target_card(parent: ModelCard, label_names: Sequence[str] | None, model_id: 
                              known[n].terminology if n in known else None) for i, n in enumerate(names)]
     card.task = "segmentation"
     card.id = model_id or (parent.id if same else f"{parent.id}-{slug(' '.join(card.label_names().values()))}")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", card.id):
+    if not ID_PATTERN.fullmatch(card.id):
         raise HybridMIMError(f"Model id '{card.id}' may only use letters, digits, '.', '_' and '-'")
     card.name = (f"{parent.name} (fine-tuned)" if same else
                  f"{', '.join(card.label_names().values())} ({parent.modality}), fine-tuned from {parent.id}")

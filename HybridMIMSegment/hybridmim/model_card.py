@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ModelCardError
+
+# Names that become folder and file names: nothing read from or written for a card may leave its folder.
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]{0,39}")
+FILE_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -155,3 +161,10 @@ class ModelCard:
             fail("labels must have values 1..N without gaps (0 is background)")
         if "sha256" not in self.weights or "file" not in self.weights:
             fail("weights needs 'file' and 'sha256'")
+        if not isinstance(self.id, str) or not ID_PATTERN.fullmatch(self.id):
+            fail(f"id must be letters, digits, '.', '_' or '-' (at most 100), not {self.id!r}")
+        if not isinstance(self.version, str) or not VERSION_PATTERN.fullmatch(self.version) or ".." in self.version:
+            fail(f"version must be letters, digits, '.', '+' or '-' (at most 40), not {self.version!r}")
+        weights_file = self.weights["file"]
+        if not isinstance(weights_file, str) or not FILE_PATTERN.fullmatch(weights_file) or ".." in weights_file:
+            fail(f"weights.file must be a file name inside the model folder, not {weights_file!r}")

@@ -151,6 +151,8 @@ def read_weights(model: str | os.PathLike) -> tuple[Path, ModelCard, dict[str, t
     folder = resolve_model(model)
     card = ModelCard.load(folder)
     weights = folder / card.weights["file"]
+    if weights.is_symlink() or (weights.exists() and weights.resolve().parent != folder.resolve()):
+        raise ModelCardError(f"Model '{card.id}': weights file {weights} leads out of the model folder")
     if not weights.is_file():
         raise ModelNotFoundError(f"Model '{card.id}': weights file {weights} is missing")
     actual = sha256_of(weights)

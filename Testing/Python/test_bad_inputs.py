@@ -148,3 +148,30 @@ def test_output_never_overwrites_input(tmp_path, capsys):
     code, err = run_cli(["segment", str(image), "-o", str(image)], capsys)
     assert code == 2 and "overwrite the input" in err
     assert image.read_bytes() == SAMPLE_IMAGE.read_bytes()
+
+
+@pytest.mark.parametrize("field, value", [
+    ("version", "1.0.0/../../../../tmp/escape"), ("id", "../escape"), ("weights.file", "/etc/passwd"),
+    ("weights.file", "../model.safetensors"), ("version", 7)])
+def test_card_names_that_could_leave_the_model_folder_are_refused(model_copy, tmp_path, capsys, field, value):
+    import json
+
+    card = json.loads((model_copy / "card.json").read_text(encoding="utf-8"))
+    if field == "weights.file":
+        card["weights"]["file"] = value
+    else:
+        card[field] = value
+    (model_copy / "card.json").write_text(json.dumps(card), encoding="utf-8")
+    output = tmp_path / "out.nii.gz"
+    assert main(["segment", str(SAMPLE_IMAGE), "-o", str(output), "--model", str(model_copy), "--quiet"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error:") and len(error.splitlines()) == 1 and not output.exists()
+
+
+def test_weights_linked_from_outside_the_model_folder_are_refused(model_copy, tmp_path, capsys):
+    outside = tmp_path / "elsewhere.safetensors"
+    (model_copy / "model.safetensors").rename(outside)
+    (model_copy / "model.safetensors").symlink_to(outside)
+    output = tmp_path / "out.nii.gz"
+    assert main(["segment", str(SAMPLE_IMAGE), "-o", str(output), "--model", str(model_copy), "--quiet"]) == 2
+    assert "leads out of the model folder" in capsys.readouterr().err and not output.exists()
