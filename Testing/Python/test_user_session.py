@@ -126,16 +126,23 @@ def test_a_pretrained_only_model_is_refused_before_any_work(scene):
         start_segment(volume, "hybridmim-cnn-pretrained", device="cpu")
 
 
+def assert_left_alone(volume, segmentation_node, why: str) -> None:
+    """Segment into ``segmentation_node``: the result goes to a new node, for the reason given, and the chosen
+    node keeps every voxel."""
+    before = labels_of(segmentation_node, volume)
+    task = start_segment(volume, MODEL, device="cpu", segmentation_node=segmentation_node)
+    assert why in task.note
+    assert task.finish() is not segmentation_node
+    assert np.array_equal(labels_of(segmentation_node, volume), before)
+
+
 def test_an_edited_result_is_not_overwritten_even_unchecked(scene):
     """Edits count as corrections whether or not the user checked the segmentation for fine-tuning."""
     volume = load_volume_node(scene, SAMPLE_IMAGE)
     result = segment(volume, MODEL, device="cpu")
-    edited = correct(result, volume, ModelCard.load(resolve_model(MODEL)))
+    correct(result, volume, ModelCard.load(resolve_model(MODEL)))
     assert not is_corrected(result)
-    task = start_segment(volume, MODEL, device="cpu", segmentation_node=result)
-    assert "edited after Segment wrote it" in task.note
-    assert task.finish() is not result
-    assert np.array_equal(labels_of(result, volume), edited)
+    assert_left_alone(volume, result, "edited after Segment wrote it")
 
 
 def test_a_segmentation_drawn_by_the_user_is_not_overwritten(scene):
@@ -143,11 +150,7 @@ def test_a_segmentation_drawn_by_the_user_is_not_overwritten(scene):
     drawn = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn by hand")
     card = ModelCard.load(resolve_model(MODEL))
     update_segmentation_node(drawn, sitk.ReadImage(str(SAMPLE_LABEL)), card.labels, volume)  # same names
-    before = labels_of(drawn, volume)
-    task = start_segment(volume, MODEL, device="cpu", segmentation_node=drawn)
-    assert "not made by Segment" in task.note
-    assert task.finish() is not drawn
-    assert np.array_equal(labels_of(drawn, volume), before)
+    assert_left_alone(volume, drawn, "not made by Segment")
 
 
 def test_a_segmentation_checked_while_segment_runs_is_not_written_into(scene):
