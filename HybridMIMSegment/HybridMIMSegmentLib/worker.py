@@ -123,10 +123,6 @@ class WorkerProcess:
         return True
 
     @property
-    def started(self) -> bool:
-        return self._process is not None
-
-    @property
     def running(self) -> bool:
         return self._process is not None and self._group_alive()
 
@@ -148,9 +144,8 @@ class WorkerProcess:
             self._signal(force=True)  # ignored the polite request
             self._process.wait()
             ended = True
-        new = self._read_records()
+        new = self._read_records()  # after the liveness check: an ended worker's lines are all there
         if ended:
-            new += self._read_records()
             self._finish()
         return new
 
