@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "may be repeated)")
     tune.add_argument("--method", default="auto", choices=["auto", "supervised", "mean-teacher", "bcp"],
                       help="auto (default): bcp for one labelled volume with unlabelled ones, else supervised "
-                           "(measured: README, Fine-tuning)")
+                           "(measured: docs/fine-tuning.md)")
     tune.add_argument("--minutes", type=float, help="time budget (with --steps: whichever comes first; "
                                                       "neither given: 5 minutes or 3000 steps)")
     tune.add_argument("--steps", type=int, help="step budget")
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--id", help="id of the result (default: the model's, or '<model>-<labels>' for new labels)")
     tune.add_argument("--learning-rate", type=float, metavar="LR",
                       help=f"peak learning rate (default {DEFAULT_LEARNING_RATE:g}); lower, e.g. 1e-4, changes a "
-                           "model of the same structures less (README, Fine-tuning)")
+                           "model of the same structures less (docs/fine-tuning.md)")
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--checkpoint-dir", metavar="DIR",
                       help="keep a checkpoint of the run here (every 500 steps), to resume it after an interruption")

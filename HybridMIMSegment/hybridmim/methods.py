@@ -8,7 +8,7 @@ from .errors import HybridMIMError
 METHODS = ("supervised", "mean-teacher", "bcp")
 AUTOMATIC = "auto"  # let default_method choose
 #: The budget when none is given: whichever comes first. On this project's 2-core CPU the minutes end it; the
-#: steps are meant to end it on a GPU (the GPU round time is not measured yet: README, Fine-tuning).
+#: steps are meant to end it on a GPU (the GPU round time is not measured yet: docs/fine-tuning.md).
 DEFAULT_MINUTES = 5.0
 DEFAULT_STEPS = 3000
 DEFAULT_LEARNING_RATE = 1e-3  # peak (AdamW, warm-up then cosine); lower values change a trained model less
@@ -18,7 +18,7 @@ MAX_LABELED = 20  # interactive fine-tuning is for a few volumes; more belongs t
 METHOD_LABELS = {"auto": "Automatic", "supervised": "Supervised", "mean-teacher": "Mean Teacher", "bcp": "BCP"}
 METHOD_TOOLTIPS = {
     "auto": "BCP for a single corrected segmentation with unlabelled volumes, otherwise Supervised: what measured "
-            "best on the left-atrium benchmark for a few minutes of training (see the README).",
+            "best on the left-atrium benchmark for a few minutes of training (docs/fine-tuning.md).",
     "supervised": "Learns from the corrected segmentations only. Needs no unlabelled volumes.",
     "mean-teacher": "Also learns from the unlabelled volumes: a slowly averaged copy of the network labels them "
                     "and the network learns its confident voxels on perturbed views.",
@@ -28,8 +28,8 @@ METHOD_TOOLTIPS = {
 
 
 def default_method(labeled: int, unlabeled: int) -> str:
-    """BCP for a single corrected volume with unlabelled ones, supervised otherwise. Measured (README,
-    "Fine-tuning"): from one labelled left atrium, BCP beat supervised-only by 9 Dice points on the unlabelled
+    """BCP for a single corrected volume with unlabelled ones, supervised otherwise. Measured (docs/fine-tuning.md):
+    from one labelled left atrium, BCP beat supervised-only by 9 Dice points on the unlabelled
     volumes in the same minutes; from three or five, supervised-only was as good or better (the semi-supervised
     methods' extra passes cost it about half its steps)."""
     return "bcp" if labeled == 1 and unlabeled > 0 else "supervised"

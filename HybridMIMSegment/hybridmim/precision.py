@@ -2,7 +2,7 @@
 (AVX512-BF16 or AMX); fp32 elsewhere, where bf16 would be emulated and slower.
 
 Training only: on the CPU, inference stays fp32 (bf16 changed labels, Dice 0.998 against fp32 on the tiled sample:
-docs in the README's Benchmarks section).
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
