@@ -17,6 +17,7 @@ PALETTE = [(0.90, 0.35, 0.30), (0.30, 0.60, 0.90), (0.40, 0.80, 0.40), (0.95, 0.
 def target_card(parent: ModelCard, label_names: Sequence[str] | None, model_id: str | None) -> tuple[ModelCard, bool]:
     """The new version's card (before training facts are filled in) and whether the output layer is re-made."""
     card = ModelCard.from_dict({**parent.to_dict(), "metrics": {}, "training": {}}, source=f"model '{parent.id}'")
+    card.inference.pop("cpu_bf16", None)  # measured on the parent's weights, not on the new ones
     same = label_names is None or list(label_names) == [label.name for label in parent.labels]
     if label_names is None and parent.task != "segmentation":
         raise HybridMIMError(f"Model '{parent.id}' is pre-trained only: name the structures to learn (labels)")

@@ -6,7 +6,6 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from .imageio import check_output_path, read_volume, write_labelmap
 from .model_card import ModelCard
 from .model_store import LoadedModel, load_model
 from .postprocessing import keep_largest_component
+from .precision import inference_autocast, inference_precision
 from .preprocessing import model_input
 from .progress import CancelToken, ProgressCallback, no_progress
 
@@ -79,13 +79,22 @@ class Segmenter:
     """A loaded model ready to segment volumes; reuse it for many volumes to load weights once."""
 
     def __init__(self, model: LoadedModel | str | os.PathLike, device: str = "auto",
-                 overlap: float | None = None, sw_batch_size: int | None = None) -> None:
+                 overlap: float | None = None, sw_batch_size: int | None = None,
+                 precision: str | None = None) -> None:
+        """``precision``: 'fp32', 'bf16' or 'fp16' autocast; by default what the device runs natively for this
+        model (``hybridmim.precision``)."""
         self.device = select_device(device)
+        self.requested_precision = precision
         self.model = model if isinstance(model, LoadedModel) else load_model(model, self.device)
         self.model.network.to(self.device).eval()
         self.overlap = overlap if overlap is not None else self.model.card.inference.get("overlap", DEFAULT_OVERLAP)
         self.sw_batch_size = sw_batch_size or self.card_window_batch
         self.blend = self.model.card.inference.get("blend", DEFAULT_BLEND)
+
+    @property
+    def precision(self) -> str:
+        """What the windows run in on the current device (it changes if a GPU runs out of memory)."""
+        return self.requested_precision or inference_precision(self.device, self.card.inference.get("cpu_bf16", False))
 
     @property
     def card(self) -> ModelCard:
@@ -116,11 +125,10 @@ class Segmenter:
             return output
 
         on_gpu = self.device.type == "cuda"
-        autocast = torch.autocast("cuda", dtype=torch.float16) if on_gpu else nullcontext()
         output_bytes = 4 * (self.card.out_channels + 1) * math.prod(volume.shape[1:])
         output_device = torch.device("cpu") if on_gpu and output_bytes > GPU_OUTPUT_BYTES else self.device
         probabilities = None
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), inference_autocast(self.device, self.precision):
             for flip in flips:
                 dims = [axis + 2 for axis in flip]
                 flipped = volume[None].to(self.device).flip(dims) if dims else volume[None].to(self.device)

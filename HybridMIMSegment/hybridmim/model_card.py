@@ -151,6 +151,8 @@ class ModelCard:
         window_batch = self.inference.get("window_batch", 1)
         if not isinstance(window_batch, int) or isinstance(window_batch, bool) or window_batch < 1:
             fail(f"inference.window_batch must be a positive whole number, not {window_batch!r}")
+        if not isinstance(self.inference.get("cpu_bf16", False), bool):
+            fail(f"inference.cpu_bf16 must be true or false, not {self.inference['cpu_bf16']!r}")
         largest = self.inference.get("largest_component", [])
         if not isinstance(largest, list) or any(v not in [label.value for label in self.labels] for v in largest):
             fail(f"inference.largest_component must list label values of this model, not {largest!r}")

@@ -1,8 +1,7 @@
-"""Mixed precision where the hardware runs it natively: bf16 autocast on CUDA and on CPUs with bf16 units
-(AVX512-BF16 or AMX); fp32 elsewhere, where bf16 would be emulated and slower.
-
-Training only: on the CPU, inference stays fp32 (bf16 changed labels, Dice 0.998 against fp32 on the tiled sample:
-docs/benchmarks.md).
+"""Mixed precision where the hardware runs it natively: bf16 autocast for training on CUDA and on CPUs with bf16
+units (AVX512-BF16 or AMX); fp16 for inference on CUDA, bf16 on such CPUs for the models whose card says their
+labels were measured to agree with fp32 (``inference.cpu_bf16``); fp32 elsewhere, where bf16 would be emulated and
+slower. Agreement per bundled model: Testing/Benchmarks/benchmark_precision.py, docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-#: Set to 0 to train in fp32 on a CPU that has bf16 units (to compare, or to rule precision out).
+#: Set to 0 to run in fp32 on a CPU that has bf16 units (to compare, or to rule precision out).
 ENVIRONMENT_SWITCH = "HYBRIDMIM_CPU_BF16"
 
 
@@ -31,16 +30,37 @@ def cpu_has_bf16() -> bool:
                                or getattr(probe, "_is_amx_tile_supported", lambda: False)()))
 
 
+AUTOCAST_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_uses_bf16() -> bool:
+    return cpu_has_bf16() and os.environ.get(ENVIRONMENT_SWITCH, "1") != "0"
+
+
 def training_precision(device: torch.device) -> str:
     """'bf16' or 'fp32': what ``training_autocast`` runs on ``device``."""
-    if device.type == "cuda":
-        return "bf16"
-    if device.type == "cpu" and cpu_has_bf16() and os.environ.get(ENVIRONMENT_SWITCH, "1") != "0":
+    if device.type == "cuda" or (device.type == "cpu" and cpu_uses_bf16()):
         return "bf16"
     return "fp32"
 
 
-def training_autocast(device: torch.device) -> AbstractContextManager:
-    if training_precision(device) == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+def inference_precision(device: torch.device, cpu_bf16: bool) -> str:
+    """'fp16' (CUDA), 'bf16' (a CPU with bf16 units, for a model whose labels agree with fp32: ``cpu_bf16``) or
+    'fp32': what ``inference_autocast`` runs."""
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if cpu_bf16 and device.type == "cpu" and cpu_uses_bf16() else "fp32"
+
+
+def _autocast(device: torch.device, precision: str) -> AbstractContextManager:
+    if precision in AUTOCAST_TYPES:
+        return torch.autocast(device.type, dtype=AUTOCAST_TYPES[precision])
     return nullcontext()
+
+
+def training_autocast(device: torch.device) -> AbstractContextManager:
+    return _autocast(device, training_precision(device))
+
+
+def inference_autocast(device: torch.device, precision: str) -> AbstractContextManager:
+    return _autocast(device, precision)

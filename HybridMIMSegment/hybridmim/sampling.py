@@ -1,5 +1,5 @@
-"""Random training patches from cases held in memory: foreground-biased crops, rotation/scaling, flips and
-intensity jitter. Used by fine-tuning in the engine and by the offline training package alike."""
+"""Random training patches from cases held in memory: foreground-biased crops, rotation/scaling, flips, intensity
+jitter, gamma and Gaussian noise. Used by fine-tuning in the engine and by the offline training package alike."""
 
 from __future__ import annotations
 
@@ -44,7 +44,9 @@ class PatchSampler:
     def __init__(self, cases: Sequence[Case], patch_size: Sequence[int], seed: int,
                  flip_axes: Sequence[int] = (), foreground_probability: float = 0.33,
                  intensity_jitter: float = 0.1, rotation_degrees: float = 0.0, scale_range: Sequence[float] = (1, 1),
-                 spatial_probability: float = 0.0) -> None:
+                 spatial_probability: float = 0.0, gamma_probability: float = 0.0,
+                 gamma_range: Sequence[float] = (0.7, 1.5), noise_probability: float = 0.0,
+                 noise_variance: float = 0.1) -> None:
         self.patch = tuple(int(p) for p in patch_size)
         self.rotation_degrees = rotation_degrees
         self.scale_range = tuple(scale_range)
@@ -53,6 +55,8 @@ class PatchSampler:
         self.flip_axes = tuple(flip_axes)
         self.foreground_probability = foreground_probability
         self.intensity_jitter = intensity_jitter
+        self.gamma_probability, self.gamma_range = gamma_probability, tuple(gamma_range)
+        self.noise_probability, self.noise_variance = noise_probability, noise_variance
         self.cases = [(case.image, case.label) for case in cases]
         self.labelled = all(label is not None for _, label in self.cases)
         if not self.labelled and any(label is not None for _, label in self.cases):
@@ -86,7 +90,25 @@ class PatchSampler:
             scale = 1.0 + self.intensity_jitter * self.rng.standard_normal()
             shift = self.intensity_jitter * self.rng.standard_normal()
             image = image * scale + shift
+        if self.rng.random() < self.gamma_probability:
+            image = self._gamma(image)
+        if self.rng.random() < self.noise_probability:
+            sigma = math.sqrt(self.rng.uniform(0, self.noise_variance))
+            image = image + self.rng.normal(0, sigma, image.shape)
         return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label)
+
+    def _gamma(self, image: np.ndarray) -> np.ndarray:
+        """Gamma on the patch's intensities mapped to [0, 1], then its mean and spread restored (nnU-Net's
+        gamma augmentation): changes contrast between tissues, not overall brightness."""
+        low, span = float(image.min()), float(np.ptp(image))
+        if span == 0:
+            return image
+        gamma = self.rng.uniform(self.gamma_range[0], 1.0) if self.rng.random() < 0.5 else \
+            self.rng.uniform(1.0, self.gamma_range[1])
+        mean, std = image.mean(), image.std()
+        out = ((image - low) / span) ** gamma * span + low
+        out_std = out.std()
+        return (out - out.mean()) * (std / out_std if out_std > 0 else 1.0) + mean
 
     def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, 1, *patch) float32 images and (B, 1, *patch) int64 labels (None for unlabelled cases)."""

@@ -68,6 +68,8 @@ class TrainSettings:
     rotation_degrees: float = 0.0
     scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])
     spatial_probability: float = 0.0
+    gamma_probability: float = 0.0
+    noise_probability: float = 0.0
     validate_every: int = 0  # steps between validations on the model grid (0: about ten times per run)
 
     def check(self, unlabeled: int) -> None:
@@ -195,7 +197,8 @@ def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: 
     generator = torch.Generator().manual_seed(settings.seed)
     augment = {"flip_axes": settings.flip_axes, "foreground_probability": settings.foreground_probability,
                "intensity_jitter": settings.intensity_jitter, "rotation_degrees": settings.rotation_degrees,
-               "scale_range": settings.scale_range, "spatial_probability": settings.spatial_probability}
+               "scale_range": settings.scale_range, "spatial_probability": settings.spatial_probability,
+               "gamma_probability": settings.gamma_probability, "noise_probability": settings.noise_probability}
     labeled_sampler = PatchSampler(labeled, patch_size, settings.seed, **augment)
     unlabeled_sampler = PatchSampler(unlabeled, patch_size, settings.seed + 1, **augment) if unlabeled else None
 

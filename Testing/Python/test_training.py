@@ -56,6 +56,21 @@ def test_sampler_crops_match_between_image_and_label(shared_data):
                for x, y, z in hits)
 
 
+def test_gamma_changes_contrast_not_mean_or_spread_and_noise_leaves_labels(shared_data):
+    """Gamma bends the patch's intensity curve, keeping its mean and standard deviation; noise changes every
+    voxel; neither moves a label."""
+    case = hippocampus_case(shared_data)
+    plain = PatchSampler([case], (32, 32, 32), seed=3, intensity_jitter=0)
+    gamma = PatchSampler([case], (32, 32, 32), seed=3, intensity_jitter=0, gamma_probability=1.0)
+    noisy = PatchSampler([case], (32, 32, 32), seed=3, intensity_jitter=0, noise_probability=1.0)
+    (image, label), (_, bent_label), (noise, noise_label) = plain.sample(), gamma.sample(), noisy.sample()
+    assert np.array_equal(label, bent_label) and np.array_equal(label, noise_label)
+    bent = [gamma._gamma(image) for _ in range(10)]
+    assert all(abs(b.mean() - image.mean()) < 1e-4 and abs(b.std() - image.std()) < 1e-4 for b in bent)
+    assert min(np.corrcoef(b.ravel(), image.ravel())[0, 1] for b in bent) < 0.999  # a curve, not a shift/scale
+    assert np.count_nonzero(noise != image) > 0.99 * image.size
+
+
 def test_volume_smaller_than_patch_lands_at_random_places(shared_data):
     """Sliding-window inference centres a small volume in the window; training must not teach one corner."""
     case = hippocampus_case(shared_data)
