@@ -49,8 +49,8 @@ def _segment(args: argparse.Namespace) -> int:
     from .preview import write_preview
 
     output = check_output_path(args.output, args.input)
-    if args.preview and not str(args.preview).lower().endswith(".png"):
-        raise HybridMIMError("--preview must name a .png file")
+    if args.preview:
+        check_output_path(args.preview, args.input, suffixes=(".png",))
     volume = read_volume(args.input)
     segmenter = Segmenter(args.model, args.device)
     say = _say(args)

@@ -170,13 +170,31 @@ def _first_line(error: Exception) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
-def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | None = None) -> Path:
-    """Refuse, before any work is done, an output name we cannot write or one that would overwrite the input."""
+MAX_NAME_BYTES = 255  # the longest file name common file systems store
+
+
+def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | None = None,
+                      suffixes: Sequence[str] = LABELMAP_SUFFIXES) -> Path:
+    """Refuse, before any work is done, an output name we cannot write or one that would overwrite the input:
+    an unknown suffix, a folder, an over-long name, a parent that is a file or a folder we may not write in."""
     path = Path(path)
-    if not path.name.lower().endswith(LABELMAP_SUFFIXES):
-        raise OutputError(f"Cannot write '{path.name}': use one of {', '.join(LABELMAP_SUFFIXES)}")
+    if not path.name.lower().endswith(tuple(suffixes)):
+        raise OutputError(f"Cannot write '{path.name}': use one of {', '.join(suffixes)}")
+    if len(os.fsencode(path.name)) > MAX_NAME_BYTES:
+        raise OutputError(f"Output name is {len(os.fsencode(path.name))} bytes long; file systems store at most "
+                          f"{MAX_NAME_BYTES}: {path.name[:40]}...")
     if path.is_dir():
         raise OutputError(f"Output {path} is a folder; give a file name")
+    existing = path.absolute().parent
+    while not existing.exists():  # the folders still to be made go into the first one that exists
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"Cannot write {path}: {existing} is a file, not a folder")
+    try:  # permissions, read-only mounts and pseudo file systems (/sys, /proc): only a real file tells
+        with tempfile.TemporaryFile(prefix=".hybridmim-probe-", dir=existing):
+            pass
+    except OSError as error:
+        raise OutputError(f"Cannot write {path}: {existing} does not accept new files ({error.strerror})") from error
     if input_path is not None and path.resolve() == Path(input_path).resolve():
         raise OutputError("The output would overwrite the input volume; choose another output path")
     return path
@@ -185,23 +203,44 @@ def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | N
 def write_labelmap(labelmap: sitk.Image, path: str | os.PathLike, labels: Sequence[Label]) -> Path:
     """Write a uint8 labelmap as a Slicer ``.seg.nrrd`` (named, coloured segments) or a plain labelmap file.
 
-    The file appears complete or not at all: it is written next to the target and renamed into place.
+    The file appears complete or not at all: it is written next to the target, read back and compared with the
+    labelmap (a full disk truncates some formats without an error), and only then renamed into place; a ``.mhd``
+    header's data file is moved before the header.
     """
     path = check_output_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".hybridmim-", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".hybridmim-", dir=path.parent))
+    except OSError as error:
+        raise OutputError(f"Cannot write {path}: {error}") from error
     try:
         staged = staging / path.name
         if path.name.lower().endswith(".seg.nrrd"):
             slicerio.write_segmentation(str(staged), segmentation_dict(labelmap, labels))
         else:
             sitk.WriteImage(labelmap, str(staged), useCompression=True)
+        _check_written(staged, labelmap)
+        for data_file in sorted(set(staging.iterdir()) - {staged}):  # a .mhd's .zraw
+            os.replace(data_file, path.parent / data_file.name)
         os.replace(staged, path)
-    except OSError as error:
-        raise OutputError(f"Cannot write {path}: {error}") from error
+    except (OSError, RuntimeError) as error:
+        raise OutputError(f"Cannot write {path}: {_first_line(error)}") from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def _check_written(staged: Path, labelmap: sitk.Image) -> None:
+    """The staged file reads back as exactly ``labelmap``'s voxels, or OSError (disk full, quota, I/O error)."""
+    try:
+        if staged.name.lower().endswith((".nii", ".nii.gz")):
+            _check_nifti_complete(staged)
+        back = sitk.ReadImage(str(staged))
+    except (InputImageError, RuntimeError) as error:
+        raise OSError(f"the written file does not read back; is the disk full? ({_first_line(error)})") from error
+    if back.GetSize() != labelmap.GetSize() or not np.array_equal(sitk.GetArrayViewFromImage(back),
+                                                                  sitk.GetArrayViewFromImage(labelmap)):
+        raise OSError("the written file does not hold the labels; is the disk full?")
 
 
 def ijk_to_lps(image: sitk.Image) -> np.ndarray:

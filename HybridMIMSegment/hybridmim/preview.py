@@ -10,6 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 from PIL import Image
 
+from .errors import OutputError
 from .model_card import Label
 
 TILE = 256
@@ -39,5 +40,10 @@ def write_preview(volume: sitk.Image, labelmap: sitk.Image, labels: Sequence[Lab
     for index, tile in enumerate(tiles):
         canvas.paste(tile, (index * TILE, 0))
     path = Path(path)
-    canvas.save(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        canvas.save(path)
+    except OSError as error:
+        path.unlink(missing_ok=True)
+        raise OutputError(f"Cannot write the preview {path}: {error}") from error
     return path
