@@ -41,8 +41,30 @@ def read_volume(path: str | os.PathLike) -> sitk.Image:
             raise InputImageError(f"Cannot read {path}: not an image or the file is truncated/corrupt "
                                   f"({_first_line(error)})") from error
     image = _as_scalar_3d(image, path)
+    _check_geometry(image, path)
     _check_values(image, path)
     return image
+
+
+ORTHONORMAL_TOLERANCE = 1e-4  # headers round directions to about 6 decimals; a skew or scale shows far above it
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # NIfTI stores spacing and origin as float32
+
+
+def _check_geometry(image: sitk.Image, path: Path) -> None:
+    """Refuse a geometry the label map could not keep exactly: non-finite or non-positive spacing, an origin or
+    spacing beyond what NIfTI stores, or a direction matrix whose axes are not perpendicular unit vectors (a
+    skewed or scaled matrix: the output would come out rotated or resized)."""
+    spacing, origin = np.array(image.GetSpacing()), np.array(image.GetOrigin())
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    if not (np.isfinite(spacing).all() and np.isfinite(origin).all() and np.isfinite(direction).all()):
+        raise InputImageError(f"{path} has a non-finite spacing, origin or direction in its header")
+    if (spacing <= 0).any() or np.abs(np.concatenate([spacing, origin])).max() > FLOAT32_MAX:
+        raise InputImageError(f"{path} has an unusable spacing {spacing.tolist()} or origin {origin.tolist()} mm")
+    if not np.allclose(direction.T @ direction, np.eye(3), rtol=0, atol=ORTHONORMAL_TOLERANCE):
+        rows = "; ".join(" ".join(f"{v:.4g}" for v in row) for row in direction)
+        raise InputImageError(f"{path} has a direction matrix whose axes are not perpendicular unit vectors "
+                              f"({rows}): the label map could not keep its geometry. Resample it to an "
+                              f"orthonormal grid first (e.g. in Slicer: Resample Scalar Volume)")
 
 
 BYTES_PER_VOXEL_AFTER_READING = 5  # a float32 working copy and the uint8 labels, on top of the voxels themselves

@@ -28,8 +28,24 @@ def normalize_intensity(volume: np.ndarray, intensity: Intensity) -> np.ndarray:
         return _to_unit_range(volume, *(intensity.window or HU_WINDOW))
     if method == "percentile":
         return _to_unit_range(volume, *np.percentile(volume, intensity.percentiles or (0.5, 99.5)))
-    mean, std = float(volume.mean()), float(volume.std())
-    return (volume - mean) / max(std, 1e-6)
+    clip_outliers(volume)
+    mean, std = float(volume.mean(dtype=np.float64)), float(volume.std(dtype=np.float64))
+    return ((volume - mean) / (std if std > 0 else 1.0)).astype(np.float32, copy=False)
+
+
+OUTLIER_SPANS = 10  # how far past the bulk of the intensities a voxel may lie before it is clipped
+STATISTICS_SAMPLE = 1 << 20  # voxels sampled (evenly) to find the bulk
+
+
+def clip_outliers(volume: np.ndarray) -> None:
+    """Clip, in place, voxels more than ``OUTLIER_SPANS`` times the 0.1-99.9 percentile span outside it. A
+    single corrupt voxel at 3e38 would otherwise dominate the mean and spread and leave every other voxel at
+    about 0 (empty labels); real intensities never lie that far out, so normal volumes are unchanged."""
+    sample = volume.ravel()[::max(1, volume.size // STATISTICS_SAMPLE)].astype(np.float64)
+    low, high = np.percentile(sample, (0.1, 99.9))
+    span = high - low
+    if span > 0:
+        np.clip(volume, low - OUTLIER_SPANS * span, high + OUTLIER_SPANS * span, out=volume)
 
 
 def _to_unit_range(volume: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -46,6 +62,23 @@ def replace_non_finite(volume: np.ndarray) -> None:
         volume[~finite] = volume[finite].min() if finite.any() else 0.0
 
 
+SHIFT_FREE_METHODS = ("zscore", "percentile")  # normalisations a constant offset does not change
+
+
+def as_float32(array: np.ndarray, shift_free: bool) -> np.ndarray:
+    """float32 copy of the voxels. 64-bit voxels far from 0 (int64 values around 1e18, say) lose every detail in
+    float32; when the normalisation ignores offsets they are first centred on their median, slice by slice."""
+    if not shift_free or array.dtype.itemsize < 8:
+        return np.array(array, dtype=np.float32)
+    sample = array.ravel()[::max(1, array.size // STATISTICS_SAMPLE)].astype(np.float64)
+    finite = sample[np.isfinite(sample)]
+    centre = float(np.median(finite)) if finite.size else 0.0
+    out = np.empty(array.shape, np.float32)
+    for k in range(array.shape[0]):
+        out[k] = array[k].astype(np.float64) - centre
+    return out
+
+
 def model_input(image: sitk.Image, grid: ModelGrid, intensity: Intensity) -> np.ndarray:
     """(1, X, Y, Z) float32 network input on the model grid.
 
@@ -55,7 +88,7 @@ def model_input(image: sitk.Image, grid: ModelGrid, intensity: Intensity) -> np.
     the same sampling as reorienting first.
     """
     array = sitk.GetArrayViewFromImage(image)  # (k, j, i): index axes reversed
-    volume = torch.from_numpy(np.array(array, dtype=np.float32))
+    volume = torch.from_numpy(as_float32(array, shift_free=intensity.method in SHIFT_FREE_METHODS))
     if not np.issubdtype(array.dtype, np.integer):
         replace_non_finite(volume.numpy())
     perm = grid.reorientation.perm

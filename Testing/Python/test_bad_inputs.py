@@ -87,6 +87,19 @@ def make_larger_than_memory(folder: Path) -> Path:
     return path
 
 
+def make_with_geometry(name: str, direction=None, origin=None):
+    def make(folder: Path) -> Path:
+        image = sitk.ReadImage(str(SAMPLE_IMAGE))
+        if direction is not None:
+            image.SetDirection(direction)
+        if origin is not None:
+            image.SetOrigin(origin)
+        path = folder / f"{name}.mha"
+        sitk.WriteImage(image, str(path))
+        return path
+    return make
+
+
 BAD_INPUTS = {
     "2D image": (make_2d, "2D image"),
     "4D image": (make_4d, "4D image"),
@@ -98,6 +111,11 @@ BAD_INPUTS = {
     "colour image": (make_rgb, "components per voxel"),
     "absurd spacing": (make_huge_spacing, "check the spacing in its header"),
     "larger than memory": (make_larger_than_memory, "GiB is available"),
+    "skewed direction": (make_with_geometry("skewed", direction=(1, 0, 0, 0.001, 1, 0, 0, 0, 1)),
+                         "not perpendicular unit vectors"),
+    "scaled direction": (make_with_geometry("scaled", direction=(2, 0, 0, 0, 2, 0, 0, 0, 2)),
+                         "not perpendicular unit vectors"),
+    "origin beyond float32": (make_with_geometry("far", origin=(1e300, 0, 0)), "unusable spacing"),
 }
 
 

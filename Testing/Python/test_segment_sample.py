@@ -97,3 +97,27 @@ def test_every_bundled_pretrained_model_loads_and_fine_tunes_on_a_real_case(mode
                         label_names=["anterior hippocampus", "posterior hippocampus"])
     labels = sitk.GetArrayFromImage(Segmenter(version, "cpu").segment(read_volume(SAMPLE_IMAGE)))
     assert labels.shape == sitk.GetArrayFromImage(read_volume(SAMPLE_IMAGE)).shape
+
+
+@pytest.mark.parametrize("change", ["scaled by 1e-30", "one voxel at 3e38", "int64 around 9e18", "one voxel at -1e30"])
+def test_extreme_or_tiny_intensities_still_segment(tmp_path, change):
+    """Normalisation statistics are float64, scale-free and not ruled by one corrupt voxel: the labels stay those
+    of the clean volume (before, each of these gave empty labels with exit 0)."""
+    image = sitk.ReadImage(str(SAMPLE_IMAGE))
+    clean = sitk.GetArrayFromImage(Segmenter(BUNDLED_MODEL, "cpu").segment(image))
+    values = sitk.GetArrayFromImage(image).astype(np.float64)
+    if change == "scaled by 1e-30":
+        values = (values * 1e-30).astype(np.float32)
+    elif change == "one voxel at 3e38":
+        values = values.astype(np.float32)
+        values[0, 0, 0] = 3e38
+    elif change == "one voxel at -1e30":
+        values = values.astype(np.float32)
+        values[-1, -1, -1] = -1e30
+    else:
+        values = (values.astype(np.int64) * 1000 + np.iinfo(np.int64).max // 2)
+    altered = sitk.GetImageFromArray(values)
+    altered.CopyInformation(image)
+    sitk.WriteImage(altered, str(tmp_path / "altered.nrrd"))
+    labels = sitk.GetArrayFromImage(Segmenter(BUNDLED_MODEL, "cpu").segment(read_volume(tmp_path / "altered.nrrd")))
+    assert clean.any() and min(dice_per_label(labels, clean, [1, 2]).values()) > 0.98
