@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .errors import HybridMIMError
 from .methods import DEFAULT_LEARNING_RATE
-from .model_store import DEFAULT_MODEL, active_versions, list_models, model_versions, set_active_version
+from .model_store import DEFAULT_MODEL, active_versions, model_versions, scan_models, set_active_version
 from .progress import PARENT_ENVIRONMENT
 
 
@@ -165,17 +165,29 @@ def _devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def _figures(values: object, digits: int) -> str:
+    """``name value`` pairs of a card's metrics; anything that is not a number is left out."""
+    if not isinstance(values, dict):
+        return ""
+    return ", ".join(f"{k} {v:.{digits}f}" for k, v in values.items()
+                     if isinstance(v, int | float) and not isinstance(v, bool))
+
+
 def _models(args: argparse.Namespace) -> int:
-    models = list_models()
+    models, skipped = scan_models()
     if args.json:
-        print(json.dumps([{**m.card.to_dict(), "folder": str(m.path), "bundled": m.bundled} for m in models],
+        print(json.dumps({"models": [{**m.card.to_dict(), "folder": str(m.path), "bundled": m.bundled}
+                                     for m in models],
+                          "skipped": [{"folder": str(path), "reason": reason} for path, reason in skipped]},
                          indent=2))
         return 0
+    for path, reason in skipped:
+        print(f"skipped: {path}: {reason}", file=sys.stderr)
     if not models:
         print("No models found.")
     for model in models:
         card = model.card
-        dice, hd95 = card.metrics.get("dice", {}), card.metrics.get("hd95_mm", {})
+        dice, hd95 = _figures(card.metrics.get("dice"), 3), _figures(card.metrics.get("hd95_mm"), 2)
         print(f"{card.id} {card.version} ({'bundled' if model.bundled else 'user'}): {card.name}")
         if card.task == "pretrained":
             print(f"  pre-trained only (no segmentation head): fine-tune it first; modality {card.modality}")
@@ -183,9 +195,9 @@ def _models(args: argparse.Namespace) -> int:
             print(f"  modality {card.modality}; structures: {', '.join(card.label_names().values())}")
         print(f"  network {card.architecture['name']}; patch {card.patch_size}; spacing {card.target_spacing}")
         if dice:
-            print(f"  Dice {', '.join(f'{k} {v:.3f}' for k, v in dice.items())} ({card.metrics.get('split', '')})")
+            print(f"  Dice {dice} ({card.metrics.get('split', '')})")
         if hd95:
-            print(f"  HD95 mm {', '.join(f'{k} {v:.2f}' for k, v in hd95.items())}")
+            print(f"  HD95 mm {hd95}")
         if card.largest_component_names():
             print(f"  keeps only the largest piece of: {', '.join(card.largest_component_names())}")
         if "initialisation" in card.training:

@@ -22,6 +22,7 @@ from .errors import ChecksumError, ModelCardError, ModelNotFoundError
 from .model_card import CARD_FILE, WEIGHTS_FILE, ModelCard
 
 ACTIVE_FILE = "active.json"
+FINE_TUNE_MARK = "-ft."  # versions made by fine-tuning: <base version>-ft.<n>
 DEFAULT_MODEL = "hippocampus-cnn"  # what Segment uses when no model is named (CLI, Slicer, scripts)
 
 if TYPE_CHECKING:  # torch is imported where weights are read or written, so listing cards needs no torch
@@ -58,19 +59,34 @@ class LoadedModel:
     network: torch.nn.Module
 
 
-def list_models() -> list[ModelFolder]:
-    """All readable model folders, bundled first. Folders with a broken card are skipped, not fatal."""
-    found = []
+def scan_models() -> tuple[list[ModelFolder], list[tuple[Path, str]]]:
+    """All usable model folders, bundled first, and the folders skipped with the reason: a broken card, or a user
+    folder that takes a bundled model's id without being a fine-tune of it (it would silently replace the model
+    everyone expects under that id). Hidden folders are save_model's staging areas and are not models."""
+    found: list[ModelFolder] = []
+    skipped: list[tuple[Path, str]] = []
+    bundled_ids: set[str] = set()
     for root, bundled in ((bundled_models_dir(), True), (user_models_dir(), False)):
         if not root.is_dir():
             continue
-        # hidden folders are save_model's staging areas, complete or not: a crash can leave one behind
-        for folder in sorted(p for p in root.iterdir() if not p.name.startswith(".") and (p / CARD_FILE).is_file()):
+        for folder in sorted(p for p in root.iterdir() if not p.name.startswith(".") and p.is_dir()):
             try:
-                found.append(ModelFolder(folder, ModelCard.load(folder), bundled))
-            except ModelCardError:
+                card = ModelCard.load(folder)
+            except ModelCardError as error:
+                skipped.append((folder, str(error)))
                 continue
-    return found
+            if bundled:
+                bundled_ids.add(card.id)
+            elif card.id in bundled_ids and FINE_TUNE_MARK not in card.version:
+                skipped.append((folder, f"uses the id of the bundled model '{card.id}' without being a fine-tune "
+                                        f"of it (version {card.version}); give it another id"))
+                continue
+            found.append(ModelFolder(folder, card, bundled))
+    return found, skipped
+
+
+def list_models() -> list[ModelFolder]:
+    return scan_models()[0]
 
 
 def resolve_model(model: str | os.PathLike) -> Path:
@@ -99,10 +115,10 @@ def model_versions(model_id: str) -> list[ModelFolder]:
 
 def next_version(model_id: str, base_version: str) -> str:
     """``<base>-ft.<n>``: the next fine-tune number of ``model_id`` (``base_version`` without any -ft suffix)."""
-    base = base_version.split("-ft.")[0]
-    numbers = [int(v.card.version.rsplit("-ft.", 1)[1]) for v in model_versions(model_id)
-               if "-ft." in v.card.version and v.card.version.rsplit("-ft.", 1)[1].isdigit()]
-    return f"{base}-ft.{max(numbers, default=0) + 1}"
+    base = base_version.split(FINE_TUNE_MARK)[0]
+    numbers = [int(v.card.version.rsplit(FINE_TUNE_MARK, 1)[1]) for v in model_versions(model_id)
+               if FINE_TUNE_MARK in v.card.version and v.card.version.rsplit(FINE_TUNE_MARK, 1)[1].isdigit()]
+    return f"{base}{FINE_TUNE_MARK}{max(numbers, default=0) + 1}"
 
 
 def active_versions() -> dict[str, str]:
@@ -178,6 +194,7 @@ def load_model(model: str | os.PathLike, device: str | torch.device = "cpu") -> 
                              "labelled volumes first")
     network = build_network(card.architecture["name"], card.in_channels, card.out_channels,
                             **card.architecture.get("args", {}))
+    check_weight_values(state, network.state_dict(), card.id)
     try:
         network.load_state_dict(state)
     except RuntimeError as error:
@@ -229,11 +246,27 @@ def initialise_from(network: torch.nn.Module, model: str | os.PathLike,
     return card, load_matching(network, state, card.id)
 
 
+def check_weight_values(state: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse weights the network would take silently but cannot use: integer or boolean tensors where it holds
+    floating-point ones (load_state_dict casts them), and NaN or infinite values (every label would be empty)."""
+    import torch
+
+    mistyped = [name for name, tensor in state.items()
+                if name in own and tensor.is_floating_point() != own[name].is_floating_point()]
+    if mistyped:
+        raise ModelCardError(f"Model '{source}': weights {', '.join(mistyped[:3])} are {state[mistyped[0]].dtype}, "
+                             f"not {own[mistyped[0]].dtype}")
+    broken = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        raise ModelCardError(f"Model '{source}': weights {', '.join(broken[:3])} contain NaN or infinite values")
+
+
 def load_matching(network: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str,
                   skip: frozenset[str] = frozenset()) -> list[str]:
     """Load the weights of ``state`` whose name and shape match ``network``'s, except ``skip`` (e.g. an output
     layer being re-made); returns the names left at their fresh initialisation."""
     own = network.state_dict()
+    check_weight_values(state, own, source)
     matching = {name: tensor for name, tensor in state.items()
                 if name in own and name not in skip and own[name].shape == tensor.shape}
     if len(matching) < 0.9 * len(own):
