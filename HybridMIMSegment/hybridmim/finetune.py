@@ -22,15 +22,7 @@ from .finetune_plan import target_card
 from .inference import Segmenter, select_device
 from .methods import AUTOMATIC, MAX_LABELED, default_budget, default_method
 from .model_card import WEIGHTS_FILE
-from .model_store import (
-    LoadedModel,
-    load_matching,
-    next_version,
-    read_weights,
-    save_model,
-    set_active_version,
-    user_models_dir,
-)
+from .model_store import LoadedModel, load_matching, read_weights, save_new_version
 from .networks import build_network, output_layer_names
 from .postprocessing import single_piece_labels
 from .progress import CancelToken
@@ -102,7 +94,6 @@ def fine_tune(model: str | Path, labeled: Sequence[tuple[ImageSource, ImageSourc
             card.metrics["starting_model_dice"] = before
     if cancel is not None:
         cancel.raise_if_cancelled()
-    card.version = next_version(card.id, parent.version if card.id == parent.id else "1.0.0")
     card.description = (f"{parent.description} Fine-tuned ({settings.method}) on {len(labeled)} labelled and "
                         f"{len(unlabeled)} unlabelled volumes of the user's.").strip()
     card.training = {
@@ -118,8 +109,7 @@ def fine_tune(model: str | Path, labeled: Sequence[tuple[ImageSource, ImageSourc
                              "learning rate")
     if before_saving is not None:
         before_saving()
-    folder = save_model(user_models_dir() / f"{card.id}-{card.version}", network.cpu(), card)
-    set_active_version(card.id, card.version)
+    folder = save_new_version(network.cpu(), card, parent.version if card.id == parent.id else "1.0.0")
     status(f"New model version {card.id} {card.version} written to {folder}")
     return folder
 

@@ -10,18 +10,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ChecksumError, ModelCardError, ModelNotFoundError
+from .errors import ChecksumError, ModelCardError, ModelNotFoundError, OutputError
 from .model_card import CARD_FILE, WEIGHTS_FILE, ModelCard
 
+logger = logging.getLogger(__name__)
+
 ACTIVE_FILE = "active.json"
+LOCK_FILE = ".lock"
+STALE_STAGING_SECONDS = 600  # a hidden staging entry this old belongs to a run that was killed while saving
 FINE_TUNE_MARK = "-ft."  # versions made by fine-tuning: <base version>-ft.<n>
 DEFAULT_MODEL = "hippocampus-cnn"  # what Segment uses when no model is named (CLI, Slicer, scripts)
 
@@ -122,22 +129,91 @@ def next_version(model_id: str, base_version: str) -> str:
 
 
 def active_versions() -> dict[str, str]:
-    """id -> version chosen by the user (``active.json``); an unreadable file counts as no choice."""
+    """id -> version chosen by the user (``active.json``). An unreadable file counts as no choice, with a warning:
+    every model then means its newest version until a revert writes the file anew."""
+    path = user_models_dir() / ACTIVE_FILE
     try:
-        data = json.loads((user_models_dir() / ACTIVE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
         return {}
-    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        data = error
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        logger.warning("%s is unreadable or damaged (%s): every model means its newest version; 'hybridmim revert "
+                       "ID VERSION' chooses one again", path, str(data)[:100])
+        return {}
+    return dict(data)
+
+
+@contextmanager
+def store_lock() -> Iterator[Path]:
+    """Hold the user models folder's lock: numbering, saving and activating versions happen one run at a time
+    (two fine-tunes at once must not both take version -ft.3, nor lose each other's active.json entry). Staging
+    left by runs killed while saving is removed under it. Yields the folder."""
+    root = user_models_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        handle = open(root / LOCK_FILE, "a+b")  # noqa: SIM115 (held across the yield)
+    except OSError as error:
+        raise OutputError(f"Cannot use the user models folder {root}: {error}") from error
+    with handle:
+        _lock(handle)
+        try:
+            _remove_stale_staging(root)
+            yield root
+        finally:
+            _unlock(handle)
+
+
+def _lock(handle) -> None:
+    if os.name == "nt":
+        import msvcrt
+
+        while True:
+            try:
+                msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)  # retries for about 10 s, then raises
+                return
+            except OSError:
+                continue
+    import fcntl
+
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+
+
+def _unlock(handle) -> None:
+    if os.name == "nt":
+        import msvcrt
+
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+    else:
+        import fcntl
+
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _remove_stale_staging(root: Path) -> None:
+    for entry in root.iterdir():
+        if entry.name.startswith(".") and entry.name != LOCK_FILE:
+            try:
+                if time.time() - entry.lstat().st_mtime > STALE_STAGING_SECONDS:
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            except OSError:
+                continue
 
 
 def set_active_version(model_id: str, version: str) -> ModelFolder:
     """Make ``version`` the one ``model_id`` resolves to (revert or re-select); written atomically."""
+    with store_lock():
+        return _write_active(model_id, version)
+
+
+def _write_active(model_id: str, version: str) -> ModelFolder:
     chosen = [m for m in model_versions(model_id) if m.card.version == version]
     if not chosen:
         known = ", ".join(m.card.version for m in model_versions(model_id)) or "none"
         raise ModelNotFoundError(f"Model '{model_id}' has no version '{version}' (versions: {known})")
     root = user_models_dir()
-    root.mkdir(parents=True, exist_ok=True)
     active = {**active_versions(), model_id: version}
     handle, staging = tempfile.mkstemp(prefix=".active.", dir=root)
     try:
@@ -148,6 +224,19 @@ def set_active_version(model_id: str, version: str) -> ModelFolder:
         Path(staging).unlink(missing_ok=True)
         raise
     return chosen[-1]
+
+
+def save_new_version(network: torch.nn.Module, card: ModelCard, base_version: str) -> Path:
+    """Save ``network`` as the next fine-tune version of ``card.id`` in the user models folder and make it the
+    active one, under the store's lock. Sets ``card.version``."""
+    with store_lock() as root:
+        card.version = next_version(card.id, base_version)
+        try:
+            folder = save_model(root / f"{card.id}-{card.version}", network, card)
+            _write_active(card.id, card.version)
+        except OSError as error:
+            raise OutputError(f"Cannot save the new model version in {root}: {error}") from error
+    return folder
 
 
 def sha256_of(path: Path) -> str:
