@@ -51,7 +51,7 @@ def _segment(args: argparse.Namespace) -> int:
     output = check_output_path(args.output, args.input)
     if args.preview:
         check_output_path(args.preview, args.input, suffixes=(".png",))
-    volume = read_volume(args.input)
+    volume = read_volume(args.input, args.series)
     segmenter = Segmenter(args.model, args.device)
     say = _say(args)
     with tqdm(total=100, desc=f"{segmenter.card.id} on {segmenter.device}", unit="%",
@@ -223,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     segment = commands.add_parser("segment", help="segment a volume (file or DICOM folder)")
     segment.add_argument("input", help="volume: NIfTI, NRRD, MHA, ... or a folder holding a DICOM series")
+    segment.add_argument("--series", metavar="UID", help="which DICOM series, when the input folder holds several "
+                                                         "(the error lists them)")
     segment.add_argument("-o", "--output", required=True,
                          help="output: .seg.nrrd (Slicer segmentation) or .nii.gz/.nii/.nrrd/.mha labelmap")
     segment.add_argument("--model", default=DEFAULT_MODEL, help=f"model id or folder (default {DEFAULT_MODEL})")

@@ -22,13 +22,14 @@ from .model_card import Label
 LABELMAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 
-def read_volume(path: str | os.PathLike) -> sitk.Image:
-    """Read one scalar 3D volume from a file or a DICOM series folder."""
+def read_volume(path: str | os.PathLike, series: str | None = None) -> sitk.Image:
+    """Read one scalar 3D volume from a file or a DICOM series folder (``series``: which series of a folder that
+    holds several)."""
     path = Path(path)
     if not path.exists():
         raise InputImageError(f"Input not found: {path}")
     if path.is_dir():
-        image = _read_dicom_folder(path)
+        image = _read_dicom_folder(path, series)
     else:
         if path.stat().st_size == 0:
             raise InputImageError(f"Input file is empty: {path}")
@@ -149,18 +150,66 @@ def _nifti_data_end(header: bytes) -> int | None:
     return None
 
 
-def _read_dicom_folder(folder: Path) -> sitk.Image:
+def _read_dicom_folder(folder: Path, series: str | None) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
-    if not series:
+    found = reader.GetGDCMSeriesIDs(str(folder))
+    if not found:
         raise InputImageError(f"No DICOM series found in folder {folder}")
-    files = max((reader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series), key=len)
+    if series is None and len(found) > 1 or series is not None and series not in found:
+        listing = "; ".join(_describe_series(folder, uid) for uid in found)
+        head = f"{folder} has no DICOM series {series}" if series else f"{folder} holds {len(found)} DICOM series"
+        raise InputImageError(f"{head}: {listing}. Choose one with --series UID")
+    files = reader.GetGDCMSeriesFileNames(str(folder), series or found[0])
+    _check_slices(files)
     _check_fits_in_memory(folder, _header(Path(files[0])), slices=len(files))
     reader.SetFileNames(files)
     try:
         return reader.Execute()
     except RuntimeError as error:
         raise InputImageError(f"Cannot read the DICOM series in {folder} ({_first_line(error)})") from error
+
+
+def _describe_series(folder: Path, uid: str) -> str:
+    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+    header = _header(Path(files[0]))
+    description = header.GetMetaData("0008|103e").strip() if header and header.HasMetaDataKey("0008|103e") else ""
+    return f"{uid} ({len(files)} files{', ' + description if description else ''})"
+
+
+SLICE_SPACING_TOLERANCE = 0.01  # relative; scanners write positions to about a micron
+
+
+def _check_slices(files: Sequence[str]) -> None:
+    """A series read as one volume must be one stack: same orientation, no two slices at one position, no missing
+    slice, even spacing. ITK would otherwise build a volume with wrong geometry without a word."""
+    if len(files) < 3:
+        return
+    positions, orientations = [], set()
+    for name in files:
+        header = _header(Path(name))
+        if header is None or not (header.HasMetaDataKey("0020|0032") and header.HasMetaDataKey("0020|0037")):
+            return  # no per-slice geometry (e.g. one multi-frame file): ITK's own reading decides
+        try:
+            positions.append([float(v) for v in header.GetMetaData("0020|0032").split("\\")])
+            orientations.add(tuple(round(float(v), 4) for v in header.GetMetaData("0020|0037").split("\\")))
+        except ValueError:
+            return
+    if len(orientations) > 1:
+        raise InputImageError(f"The DICOM series of {Path(files[0]).parent} mixes slice orientations; it is not one "
+                              "volume (load it with Slicer's DICOM module)")
+    row, column = np.array(next(iter(orientations))[:3]), np.array(next(iter(orientations))[3:])
+    depth = np.array(positions) @ np.cross(row, column)
+    order = np.argsort(depth)
+    steps = np.diff(depth[order])
+    spacing = float(np.median(steps))
+    for index, step in enumerate(steps):
+        first, second = Path(files[order[index]]).name, Path(files[order[index + 1]]).name
+        if step < SLICE_SPACING_TOLERANCE * max(spacing, 1e-3):
+            raise InputImageError(f"DICOM slices {first} and {second} are at the same position: the series holds "
+                                  "duplicate slices")
+        if abs(step - spacing) > SLICE_SPACING_TOLERANCE * spacing:
+            raise InputImageError(f"DICOM slices {first} and {second} are {step:.3f} mm apart where the series is "
+                                  f"{spacing:.3f} mm apart elsewhere: a slice is missing or the spacing is uneven")
 
 
 def _as_scalar_3d(image: sitk.Image, path: Path) -> sitk.Image:

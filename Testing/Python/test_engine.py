@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import BUNDLED_MODEL, SAMPLE_IMAGE
+from hybridmim.cli import main
 from hybridmim.errors import Cancelled, ChecksumError, InputImageError, ModelCardError
 from hybridmim.imageio import read_volume
 from hybridmim.inference import Segmenter, segment_file, window_count
@@ -19,12 +21,13 @@ from hybridmim.networks import monai_default_attention
 from hybridmim.progress import CancelToken
 
 
-def write_dicom_series(image: sitk.Image, folder) -> None:
+def write_dicom_series(image: sitk.Image, folder, series_uid: str = "1.2.826.0.1.3680043.2.1125.2",
+                       prefix: str = "slice") -> None:
     """Write a CT-like DICOM series (one file per slice) with geometry tags, as scanners do."""
     image = sitk.Cast(sitk.RescaleIntensity(image, 0, 1000), sitk.sitkInt16)
     direction = image.GetDirection()
     series_tags = [("0008|0060", "MR"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
-                   ("0020|000e", "1.2.826.0.1.3680043.2.1125.2"),
+                   ("0020|000e", series_uid), ("0008|103e", f"series {prefix}"),
                    ("0020|0037", "\\".join(f"{v:.6f}" for v in (*direction[0::3], *direction[1::3])))]
     for k in range(image.GetDepth()):
         slice_ = image[:, :, k]
@@ -35,7 +38,7 @@ def write_dicom_series(image: sitk.Image, folder) -> None:
         slice_.SetMetaData("0028|0030", f"{image.GetSpacing()[1]:.6f}\\{image.GetSpacing()[0]:.6f}")
         writer = sitk.ImageFileWriter()
         writer.KeepOriginalImageUIDOn()
-        writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))
         writer.Execute(slice_)
 
 
@@ -65,6 +68,43 @@ def test_volume_larger_than_the_available_memory_is_refused_before_reading(tmp_p
             read_volume(source)
     monkeypatch.setattr(imageio, "available_memory", lambda: voxels * 16)
     assert read_volume(tmp_path).GetSize() == read_volume(SAMPLE_IMAGE).GetSize() == sample.GetSize()
+
+
+def test_dicom_folder_with_two_series_lists_them_and_reads_the_chosen_one(tmp_path, capsys):
+    sample = read_volume(SAMPLE_IMAGE)
+    write_dicom_series(sample, tmp_path, "1.2.3.4.1", "first")
+    write_dicom_series(sample[:, :, :20], tmp_path, "1.2.3.4.2", "second")
+    with pytest.raises(InputImageError, match=r"holds 2 DICOM series: 1\.2\.3\.4\.1 \(32 files, series first\); "
+                                              r"1\.2\.3\.4\.2 \(20 files, series second\)"):
+        read_volume(tmp_path)
+    assert read_volume(tmp_path, "1.2.3.4.2").GetSize() == (*sample.GetSize()[:2], 20)
+    with pytest.raises(InputImageError, match="has no DICOM series 9.9"):
+        read_volume(tmp_path, "9.9")
+    output = tmp_path / "labels.nii.gz"
+    assert main(["segment", str(tmp_path), "-o", str(output), "--series", "1.2.3.4.1", "--quiet"]) == 0
+    assert sitk.ReadImage(str(output)).GetSize() == sample.GetSize()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", "are 2.000 mm apart where the series is 1.000 mm apart"),
+    ("duplicate", "are at the same position"),
+])
+def test_dicom_series_with_a_missing_or_duplicated_slice_is_refused_naming_it(tmp_path, damage, message):
+    sample = read_volume(SAMPLE_IMAGE)
+    write_dicom_series(sample, tmp_path)
+    if damage == "missing":
+        (tmp_path / "slice010.dcm").unlink()
+    else:
+        shutil.copy(tmp_path / "slice010.dcm", tmp_path / "slice010b.dcm")
+        header = sitk.ReadImage(str(tmp_path / "slice010b.dcm"))
+        header.SetMetaData("0008|0018", "1.2.826.0.1.3680043.2.1125.99")  # another instance at the same place
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(tmp_path / "slice010b.dcm"))
+        writer.Execute(header)
+    with pytest.raises(InputImageError, match=message) as error:
+        read_volume(tmp_path)
+    assert "slice009.dcm" in str(error.value) or "slice010" in str(error.value)
 
 
 def test_folder_without_dicom_is_an_input_error(tmp_path):
