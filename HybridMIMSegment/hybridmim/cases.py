@@ -10,10 +10,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputImageError
-from .geometry import ModelGrid, image_to_canonical, model_grid, resize_labels
+from .geometry import ModelGrid, image_to_canonical, resize_labels
 from .imageio import read_volume
 from .model_card import ModelCard
-from .preprocessing import model_input
+from .preprocessing import checked_model_grid, model_input
 
 ImageSource = sitk.Image | str | os.PathLike
 
@@ -58,7 +58,7 @@ def load_case(card: ModelCard, image_path: ImageSource, label_path: ImageSource 
     values; with ``require_foreground`` an all-background label is an error (nothing to learn from)."""
     name = name or source_name(image_path, "volume")
     image = as_image(image_path)
-    grid = model_grid(image, card.target_spacing)
+    grid = checked_model_grid(image, card)
     volume = model_input(image, grid, card.intensity)
     label = None
     if label_path is not None:

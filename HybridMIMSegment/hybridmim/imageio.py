@@ -33,9 +33,9 @@ def read_volume(path: str | os.PathLike, series: str | None = None) -> sitk.Imag
     else:
         if path.stat().st_size == 0:
             raise InputImageError(f"Input file is empty: {path}")
+        _check_fits_in_memory(path, _header(path))  # from the header alone: a gzip bomb is never decompressed
         if path.name.lower().endswith((".nii", ".nii.gz")):
             _check_nifti_complete(path)
-        _check_fits_in_memory(path, _header(path))
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as error:

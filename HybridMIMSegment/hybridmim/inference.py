@@ -13,14 +13,14 @@ import SimpleITK as sitk
 import torch
 from monai.inferers import sliding_window_inference
 
-from .errors import HybridMIMError, InputImageError
-from .geometry import labels_on_grid, model_grid
+from .errors import HybridMIMError
+from .geometry import labels_on_grid
 from .imageio import check_output_path, read_volume, write_labelmap
 from .model_card import ModelCard
 from .model_store import LoadedModel, load_model
 from .postprocessing import keep_largest_component
 from .precision import inference_autocast, inference_precision
-from .preprocessing import model_input
+from .preprocessing import checked_model_grid, model_input
 from .progress import CancelToken, ProgressCallback, no_progress
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,6 @@ DEFAULT_BLEND = "constant"
 # GPU it is halved on out-of-memory.
 DEFAULT_WINDOW_BATCH = 4
 GPU_OUTPUT_BYTES = 2 * 1024**3  # larger class-score maps are accumulated in CPU memory, window by window
-MAX_MODEL_VOXELS = 1024**3 // 2  # beyond this a volume resampled to the model's spacing cannot be held in memory
 
 
 def available_devices() -> list[str]:
@@ -170,13 +169,7 @@ class Segmenter:
                 cancel: CancelToken | None = None) -> sitk.Image:
         """Segment a volume; the returned uint8 labelmap has exactly the volume's geometry."""
         card = self.card
-        grid = model_grid(image, card.target_spacing)
-        voxels = math.prod(grid.model_shape)
-        if voxels > MAX_MODEL_VOXELS:
-            size = "x".join(map(str, grid.model_shape))
-            raise InputImageError(f"At the model's spacing {card.target_spacing} mm this volume would be {size} "
-                                  f"voxels ({voxels / 1e9:.1f} billion); check the spacing in its header "
-                                  f"({image.GetSpacing()} mm)")
+        grid = checked_model_grid(image, card)
         progress(0.0, "preprocessing")
         tensor = torch.from_numpy(model_input(image, grid, card.intensity))
         windows_progress = lambda f, m: progress(0.05 + 0.85 * f, m)  # noqa: E731

@@ -2,15 +2,41 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .geometry import ModelGrid, resize
-from .model_card import Intensity
+from .errors import InputImageError
+from .geometry import ModelGrid, model_grid, resize
+from .imageio import available_memory
+from .model_card import Intensity, ModelCard
 
 HU_WINDOW = (-1000.0, 1000.0)  # the "auto" method's CT window
 HU_AIR_BELOW = -500.0  # a volume with values this low is CT in Hounsfield units (air is -1000 HU, MRI is >= 0)
+
+
+MAX_MODEL_VOXELS = 1024**3 // 2  # beyond this a volume resampled to the model's spacing cannot be held in memory
+# float32 arrays on the model grid while a volume is segmented or prepared for training: the input, its resampled and
+# normalised copies, and one class-score map per output channel.
+ARRAYS_BESIDES_CLASSES = 3
+
+
+def checked_model_grid(image: sitk.Image, card: ModelCard) -> ModelGrid:
+    """The card's model grid for ``image``, refused before anything is allocated when its arrays cannot fit in
+    memory: coarse volumes are upsampled (a 256^3 volume of 3 mm voxels is 768^3 at 1 mm)."""
+    grid = model_grid(image, card.target_spacing)
+    voxels = math.prod(grid.model_shape)
+    needed = 4 * voxels * (ARRAYS_BESIDES_CLASSES + card.out_channels)
+    available = available_memory()
+    if voxels > MAX_MODEL_VOXELS or (available is not None and needed > available):
+        size = "x".join(map(str, grid.model_shape))
+        raise InputImageError(f"At the model's spacing {card.target_spacing} mm this volume would be {size} "
+                              f"voxels, about {needed / 2**30:.1f} GiB of working memory "
+                              f"({(available or 0) / 2**30:.1f} GiB available); check the spacing in its header "
+                              f"({image.GetSpacing()} mm)")
+    return grid
 
 
 def normalize_intensity(volume: np.ndarray, intensity: Intensity) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,20 @@ def make_with_geometry(name: str, direction=None, origin=None):
     return make
 
 
+def make_gzip_bomb(folder: Path) -> Path:
+    """8 kB of .nii.gz whose header declares 4096^3 voxels: refused from the header, never decompressed."""
+    source = folder / "small.nii"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((2, 2, 2), np.int8)), str(source))
+    header = bytearray(source.read_bytes()[:352])
+    struct.pack_into("<8h", header, 40, 3, 4096, 4096, 4096, 1, 1, 1, 1)
+    path = folder / "bomb.nii.gz"
+    with gzip.open(path, "wb") as stream:
+        stream.write(header)
+        stream.write(bytes(8 << 20))
+    source.unlink()
+    return path
+
+
 BAD_INPUTS = {
     "2D image": (make_2d, "2D image"),
     "4D image": (make_4d, "4D image"),
@@ -111,6 +126,7 @@ BAD_INPUTS = {
     "colour image": (make_rgb, "components per voxel"),
     "absurd spacing": (make_huge_spacing, "check the spacing in its header"),
     "larger than memory": (make_larger_than_memory, "GiB is available"),
+    "gzip bomb": (make_gzip_bomb, "GiB is available"),
     "skewed direction": (make_with_geometry("skewed", direction=(1, 0, 0, 0.001, 1, 0, 0, 0, 1)),
                          "not perpendicular unit vectors"),
     "scaled direction": (make_with_geometry("scaled", direction=(2, 0, 0, 0, 2, 0, 0, 0, 2)),

@@ -273,3 +273,20 @@ def test_test_time_flips_from_the_card_are_applied(segmenter, model_copy):
     assert "window batch 2/2" in messages  # the sample fits one window: two views, two batches
     plain = segmenter.segment(volume)
     assert (sitk.GetArrayFromImage(augmented) == sitk.GetArrayFromImage(plain)).mean() > 0.98
+
+
+def test_upsampling_beyond_memory_is_refused_for_segment_and_fine_tune(tmp_path, monkeypatch):
+    """A coarse volume grows on the model's 1 mm grid (3 mm voxels: 27 times the voxels); segmenting and fine-tuning
+    alike refuse it before allocating when the arrays on that grid cannot fit."""
+    import hybridmim.preprocessing as preprocessing
+    from hybridmim.cases import load_case
+
+    coarse = sitk.Image([64, 64, 64], sitk.sitkInt16)
+    coarse.SetSpacing((3.0, 3.0, 3.0))
+    monkeypatch.setattr(preprocessing, "available_memory", lambda: 100 * 2**20)  # 192^3 x 6 floats is ~160 MiB
+    segmenter = Segmenter(BUNDLED_MODEL, "cpu")
+    for attempt in (lambda: segmenter.segment(coarse), lambda: load_case(segmenter.card, coarse)):
+        with pytest.raises(InputImageError, match=r"192x192x192 voxels, about 0\.2 GiB of working memory"):
+            attempt()
+    monkeypatch.setattr(preprocessing, "available_memory", lambda: 2**30)
+    assert load_case(segmenter.card, coarse).image.shape[1:] == (192, 192, 192)
