@@ -67,8 +67,11 @@ def load_case(card: ModelCard, image_path: ImageSource, label_path: ImageSource 
             raise InputImageError(f"The label map of '{name}' does not have the geometry of its image "
                                   f"(size/spacing/origin/direction differ)")
         values = image_to_canonical(label_image, grid)
+        if not np.isfinite(values).all():
+            raise InputImageError(f"The label map of '{name}' holds NaN or infinite values; label maps hold whole "
+                                  "numbers")
         if np.any(values != np.round(values)) or values.min() < 0 or values.max() > len(card.labels):
-            found = sorted(int(v) for v in np.unique(values)[:20])
+            found = ", ".join(f"{v:.6g}" for v in np.unique(values)[:20])
             raise InputImageError(f"The label map of '{name}' has values {found}; the model's labels are 0 "
                                   f"(background) and {', '.join(f'{v} {n}' for v, n in card.label_names().items())}")
         if require_foreground and not values.any():

@@ -8,7 +8,7 @@ import re
 from collections.abc import Sequence
 
 from .errors import HybridMIMError
-from .model_card import ID_PATTERN, Label, ModelCard
+from .model_card import ID_PATTERN, MAX_LABELS, Label, ModelCard
 
 PALETTE = [(0.90, 0.35, 0.30), (0.30, 0.60, 0.90), (0.40, 0.80, 0.40), (0.95, 0.80, 0.30), (0.70, 0.45, 0.85),
            (0.30, 0.80, 0.80), (0.95, 0.55, 0.75), (0.60, 0.60, 0.60)]
@@ -24,7 +24,10 @@ def target_card(parent: ModelCard, label_names: Sequence[str] | None, model_id: 
     if not same:
         names = [str(n).strip() for n in label_names]
         if not names or any(not n for n in names) or len(set(names)) != len(names):
-            raise HybridMIMError(f"Label names must be distinct and non-empty, not {list(label_names)}")
+            raise HybridMIMError(f"Label names must be distinct and non-empty, not {list(label_names)[:20]}")
+        if len(names) > MAX_LABELS:
+            raise HybridMIMError(f"A model holds at most {MAX_LABELS} labels (label maps are 8-bit), not "
+                                 f"{len(names)}")
         known = {label.name: label for label in parent.labels}
         card.labels = [Label(i + 1, n, known[n].color if n in known else list(PALETTE[i % len(PALETTE)]),
                              known[n].terminology if n in known else None) for i, n in enumerate(names)]
@@ -32,9 +35,12 @@ def target_card(parent: ModelCard, label_names: Sequence[str] | None, model_id: 
     card.id = model_id or (parent.id if same else f"{parent.id}-{slug(' '.join(card.label_names().values()))}")
     if not ID_PATTERN.fullmatch(card.id):
         raise HybridMIMError(f"Model id '{card.id}' may only use letters, digits, '.', '_' and '-'")
+    names = list(card.label_names().values())
+    listed = ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:3])} and {len(names) - 3} more"
     card.name = (f"{parent.name} (fine-tuned)" if same else
-                 f"{', '.join(card.label_names().values())} ({parent.modality}), fine-tuned from {parent.id}")
+                 f"{listed} ({parent.modality}), fine-tuned from {parent.id}")
     card.licence = f"{parent.licence} Fine-tuned on the user's own data."
+    card.validate(f"the fine-tuned model '{card.id}'")  # label names and counts, before any training
     return card, not same or parent.task != "segmentation"
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import SAMPLE_IMAGE
+from conftest import SAMPLE_IMAGE, SAMPLE_LABEL
 from hybridmim.cli import main
+from hybridmim.model_store import user_models_dir
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
@@ -209,3 +210,36 @@ def test_weights_linked_from_outside_the_model_folder_are_refused(model_copy, tm
     output = tmp_path / "out.nii.gz"
     assert main(["segment", str(SAMPLE_IMAGE), "-o", str(output), "--model", str(model_copy), "--quiet"]) == 2
     assert "leads out of the model folder" in capsys.readouterr().err and not output.exists()
+
+
+def label_variant(folder: Path, change) -> Path:
+    values = sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE_LABEL))).astype(np.float32)
+    image = sitk.GetImageFromArray(change(values))
+    image.CopyInformation(sitk.ReadImage(str(SAMPLE_LABEL)))
+    path = folder / "label.nrrd"
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def almost_one(values):
+    return np.where(values == 1, 0.999, values)
+
+
+def with_nan(values):
+    values[0, 0, 0] = np.nan
+    return values
+
+
+@pytest.mark.parametrize("change, extra, message", [
+    (almost_one, [], "has values 0, 0.999, 2"),
+    (with_nan, [], "NaN or infinite"),
+    (None, ["--seed", "-1"], "seed must be a whole number"),
+    (None, ["--labels", "one\nline", "two"], "plain text"),
+    (None, ["--labels", *(f"s{n}" for n in range(300))], "at most 255 labels"),
+])
+def test_bad_fine_tune_input_is_refused_before_training(tmp_path, capsys, change, extra, message):
+    label = label_variant(tmp_path, change) if change else SAMPLE_LABEL
+    code, err = run_cli(["finetune", "--labeled", f"{SAMPLE_IMAGE}:{label}", "--steps", "2", "--device", "cpu",
+                         "--quiet", *extra], capsys)
+    assert code == 2 and err.startswith("error: ") and message in err
+    assert not user_models_dir().exists() or not any(user_models_dir().iterdir())
