@@ -29,6 +29,7 @@ def target_card(parent: ModelCard, label_names: Sequence[str] | None, model_id: 
             raise HybridMIMError(f"A model holds at most {MAX_LABELS} labels (label maps are 8-bit), not "
                                  f"{len(names)}")
         known = {label.name: label for label in parent.labels}
+        card.inference.pop("largest_component", None)  # the parent's label values; fine-tuning decides anew
         card.labels = [Label(i + 1, n, known[n].color if n in known else list(PALETTE[i % len(PALETTE)]),
                              known[n].terminology if n in known else None) for i, n in enumerate(names)]
     card.task = "segmentation"
