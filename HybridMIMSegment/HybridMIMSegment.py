@@ -580,7 +580,7 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
         # ... correct it in Segment Editor, then adapt the model to it (and to unlabelled volumes):
         folder = logic.fineTune([segmentationNode], [otherVolume], model="hippocampus-cnn", minutes=5)
         newNode = logic.segment(volumeNode)  # the new version, into a new node: the corrections stay as they are
-        logic.revertModel("hippocampus-cnn", "1.0.0")  # back to the bundled version
+        logic.revertModel("hippocampus-cnn", "2.0.0")  # back to the bundled version
     """
 
     def getParameterNode(self):

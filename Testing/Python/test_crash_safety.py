@@ -47,7 +47,7 @@ def run_crashing(point: str, *extra: str) -> subprocess.Popen:
 
 
 def assert_user_folder_sane() -> None:
-    assert [v.card.version for v in model_versions("hippocampus-cnn")] == ["1.0.0"]
+    assert [v.card.version for v in model_versions("hippocampus-cnn")] == ["2.0.0"]
     assert all(m.bundled for m in list_models())
     assert resolve_model("hippocampus-cnn").name == "hippocampus-cnn"
     assert active_versions() == {}
@@ -62,7 +62,7 @@ def test_killed_while_saving_leaves_no_model(point):
     assert all(p.name.startswith(".") for p in user_models_dir().iterdir())  # at most a hidden staging area
     folder = fine_tune("hippocampus-cnn", [(SAMPLE_IMAGE, SAMPLE_LABEL)], settings=settings_from("supervised",
                        steps=2), device="cpu")
-    assert folder.name == "hippocampus-cnn-1.0.0-ft.1" and resolve_model("hippocampus-cnn") == folder
+    assert folder.name == "hippocampus-cnn-2.0.0-ft.1" and resolve_model("hippocampus-cnn") == folder
 
 
 def test_killed_mid_training_writes_nothing():

@@ -61,7 +61,7 @@ def test_new_structure_learned_from_two_volumes_and_bundled_model_untouched(shar
     assert folder.parent == user_models_dir()
     assert card["id"] == "hippocampus-cnn-left-atrium" and card["version"] == "1.0.0-ft.1"
     assert card["training"]["output_layer"] == "re-made" and card["training"]["method"] == "supervised"
-    assert card["training"]["parent"] == {"id": "hippocampus-cnn", "version": "1.0.0",
+    assert card["training"]["parent"] == {"id": "hippocampus-cnn", "version": "2.0.0",
                                           "sha256": json.loads((BUNDLED_MODEL / "card.json").read_text(
                                               encoding="utf-8"))["weights"]["sha256"]}
     assert [label["name"] for label in card["labels"]] == ["left atrium"]
@@ -83,17 +83,17 @@ def test_versions_and_revert(shared_data, tmp_path):
     first = fine_tune("hippocampus-cnn", [pair], settings=settings, device="cpu")
     second = fine_tune(first, [pair], settings=settings_from("supervised", steps=3), device="cpu")
     versions = [v.card.version for v in model_versions("hippocampus-cnn")]
-    assert versions == ["1.0.0", "1.0.0-ft.1", "1.0.0-ft.2"]
+    assert versions == ["2.0.0", "2.0.0-ft.1", "2.0.0-ft.2"]
     assert resolve_model("hippocampus-cnn") == second
     assert json.loads((second / "card.json").read_text(encoding="utf-8"))["training"]["parent"]["version"] \
-        == "1.0.0-ft.1"
-    set_active_version("hippocampus-cnn", "1.0.0")
+        == "2.0.0-ft.1"
+    set_active_version("hippocampus-cnn", "2.0.0")
     assert resolve_model("hippocampus-cnn") == BUNDLED_MODEL.resolve() or \
         resolve_model("hippocampus-cnn").samefile(BUNDLED_MODEL)
-    assert active_versions() == {"hippocampus-cnn": "1.0.0"}
+    assert active_versions() == {"hippocampus-cnn": "2.0.0"}
     with pytest.raises(HybridMIMError, match="no version '9.9'"):
         set_active_version("hippocampus-cnn", "9.9")
-    assert main(["revert", "hippocampus-cnn", "1.0.0-ft.1"]) == 0
+    assert main(["revert", "hippocampus-cnn", "2.0.0-ft.1"]) == 0
     assert resolve_model("hippocampus-cnn") == first
 
 
@@ -111,7 +111,7 @@ def test_cancel_leaves_no_version(tmp_path):
                   device="cpu", progress=cancel_at_step_3, cancel=token)
     root = user_models_dir()
     assert not root.exists() or list(root.iterdir()) == []
-    assert [v.card.version for v in model_versions("hippocampus-cnn")] == ["1.0.0"]
+    assert [v.card.version for v in model_versions("hippocampus-cnn")] == ["2.0.0"]
 
 
 def write_like(array: np.ndarray, reference: sitk.Image, path: Path) -> Path:
@@ -156,10 +156,10 @@ def test_cli_finetune_then_versions(tmp_path, capsys):
     code = main(["finetune", "--labeled", f"{SAMPLE_IMAGE}:{SAMPLE_LABEL}", "--steps", "3", "--device", "cpu",
                  "--quiet"])
     out = capsys.readouterr().out
-    assert code == 0 and "hippocampus-cnn 1.0.0-ft.1" in out
+    assert code == 0 and "hippocampus-cnn 2.0.0-ft.1" in out
     assert main(["versions", "hippocampus-cnn"]) == 0
     listing = capsys.readouterr().out.splitlines()
-    assert listing[0].startswith("  1.0.0 ") and listing[1].startswith("* 1.0.0-ft.1")
+    assert listing[0].startswith("  2.0.0 ") and listing[1].startswith("* 2.0.0-ft.1")
     with pytest.raises(SystemExit):  # argparse: not IMAGE:LABEL
         main(["finetune", "--labeled", f"{SAMPLE_IMAGE}", "--steps", "3"])
     code = main(["finetune", "--labeled", f"{SAMPLE_IMAGE}:{tmp_path / 'missing.nii.gz'}", "--steps", "3",
@@ -168,7 +168,7 @@ def test_cli_finetune_then_versions(tmp_path, capsys):
     code = main(["finetune", "--labeled", f"{SAMPLE_IMAGE}:{SAMPLE_LABEL}", "--steps", "3", "--learning-rate", "0",
                  "--device", "cpu", "--quiet"])
     assert code == 2 and "learning rate must be positive" in capsys.readouterr().err
-    assert [v.card.version for v in model_versions("hippocampus-cnn")] == ["1.0.0", "1.0.0-ft.1"]
+    assert [v.card.version for v in model_versions("hippocampus-cnn")] == ["2.0.0", "2.0.0-ft.1"]
 
 
 def test_same_labels_fine_tune_reports_the_starting_models_dice(shared_data, capsys):

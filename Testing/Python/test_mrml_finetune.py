@@ -353,17 +353,17 @@ def make_version(version: str, parent: str | None = None) -> None:
 def test_version_entries_follow_the_active_version():
     from hybridmim.model_store import set_active_version
 
-    make_version("1.0.0-ft.1", parent="1.0.0")
-    make_version("1.0.0-ft.2", parent="1.0.0-ft.1")
+    make_version("2.0.0-ft.1", parent="2.0.0")
+    make_version("2.0.0-ft.2", parent="2.0.0-ft.1")
     entries = version_entries("hippocampus-cnn")
-    assert [e.version for e in entries] == ["1.0.0", "1.0.0-ft.1", "1.0.0-ft.2"]
+    assert [e.version for e in entries] == ["2.0.0", "2.0.0-ft.1", "2.0.0-ft.2"]
     assert [e.active for e in entries] == [False, False, True]
-    assert entries[0].text == "1.0.0 (bundled)" and entries[2].text == "1.0.0-ft.2 (fine-tuned) - active"
-    assert "Fine-tuned from hippocampus-cnn 1.0.0-ft.1 with bcp: 300 steps, 2:05" in entries[2].tooltip
+    assert entries[0].text == "2.0.0 (bundled)" and entries[2].text == "2.0.0-ft.2 (fine-tuned) - active"
+    assert "Fine-tuned from hippocampus-cnn 2.0.0-ft.1 with bcp: 300 steps, 2:05" in entries[2].tooltip
     assert "Dice: anterior hippocampus 0.900, mean 0.890" in entries[2].tooltip
     assert "Dice: anterior hippocampus 0.881" in entries[0].tooltip
 
-    set_active_version("hippocampus-cnn", "1.0.0")  # revert
+    set_active_version("hippocampus-cnn", "2.0.0")  # revert
     assert [e.active for e in version_entries("hippocampus-cnn")] == [True, False, False]
     assert version_entries("no-such-model") == []
 
@@ -391,7 +391,7 @@ def test_fine_tune_task_writes_a_new_active_version(scene, card, shared_data):
     assert node_ids(scene) == before and not task.process.folder.exists()
     assert resolve_model("hippocampus-cnn") == folder and model_versions("hippocampus-cnn")[-1].path == folder
     new = ModelCard.load(folder)
-    assert new.version == "1.0.0-ft.1" and new.training["parent"]["version"] == "1.0.0"
+    assert new.version == "2.0.0-ft.1" and new.training["parent"]["version"] == "2.0.0"
     assert new.training["method"] == "mean-teacher" and new.training["steps"] == 3
     assert "dice" in new.metrics
     rows = task.rows

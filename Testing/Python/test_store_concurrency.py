@@ -34,7 +34,7 @@ def test_two_fine_tunes_at_once_get_their_own_versions():
     results = [process.communicate(timeout=600) for process in processes]
     assert [process.returncode for process in processes] == [0, 0], results
     versions = [v.card.version for v in model_versions("hippocampus-cnn")]
-    assert versions == ["1.0.0", "1.0.0-ft.1", "1.0.0-ft.2"]
+    assert versions == ["2.0.0", "2.0.0-ft.1", "2.0.0-ft.2"]
     assert active_versions()["hippocampus-cnn"] in versions[1:]
 
 
