@@ -836,20 +836,21 @@ class HybridMIMSegmentTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Fine-tuning on a corrected segmentation")
         volume, segmentation = self._correctedSample()
         corrected = self._labels(segmentation, volume)
-        bundled = self.logic.modelVersions(DEFAULT_MODEL)[0].path
+        bundledEntry = self.logic.modelVersions(DEFAULT_MODEL)[0]
+        bundled = bundledEntry.path
         nodes = slicer.mrmlScene.GetNumberOfNodes()
         folder = self.logic.fineTune([segmentation], model=DEFAULT_MODEL, method="supervised", steps=3)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes)
         card = self.logic.cardOfFolder(folder)
         self.assertEqual(card.id, DEFAULT_MODEL)
-        self.assertEqual(card.training["parent"]["version"], "1.0.0")
+        self.assertEqual(card.training["parent"]["version"], bundledEntry.card.version)
         self.assertEqual(self.logic.resolveModel(DEFAULT_MODEL), folder)
 
         again = self.logic.segment(volume, model=DEFAULT_MODEL, segmentationNode=segmentation)
         self.assertIsNot(again, segmentation)  # the corrected segmentation is never written into
         self.assertTrue(np.array_equal(self._labels(segmentation, volume), corrected))
 
-        self.assertEqual(self.logic.revertModel(DEFAULT_MODEL, "1.0.0"), bundled)
+        self.assertEqual(self.logic.revertModel(DEFAULT_MODEL, bundledEntry.card.version), bundled)
         self.assertEqual(self.logic.resolveModel(DEFAULT_MODEL), bundled)
 
     def test_cancelled_fine_tune_writes_nothing(self):
@@ -925,6 +926,7 @@ class HybridMIMSegmentTest(ScriptedLoadableModuleTest):
         widget.ui.versionSelector.currentIndex = 0
         self.assertTrue(widget.ui.revertButton.enabled)
         widget.ui.revertButton.click()
-        bundled = self.logic.modelVersions(DEFAULT_MODEL)[0].path
+        bundledEntry = self.logic.modelVersions(DEFAULT_MODEL)[0]
+        bundled = bundledEntry.path
         self.assertEqual(self.logic.resolveModel(DEFAULT_MODEL), bundled)
         self.assertEqual(parameters.model, str(bundled))

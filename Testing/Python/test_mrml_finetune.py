@@ -361,7 +361,7 @@ def test_version_entries_follow_the_active_version():
     assert entries[0].text == "2.0.0 (bundled)" and entries[2].text == "2.0.0-ft.2 (fine-tuned) - active"
     assert "Fine-tuned from hippocampus-cnn 2.0.0-ft.1 with bcp: 300 steps, 2:05" in entries[2].tooltip
     assert "Dice: anterior hippocampus 0.900, mean 0.890" in entries[2].tooltip
-    assert "Dice: anterior hippocampus 0.881" in entries[0].tooltip
+    assert "Dice: anterior hippocampus 0.882" in entries[0].tooltip
 
     set_active_version("hippocampus-cnn", "2.0.0")  # revert
     assert [e.active for e in version_entries("hippocampus-cnn")] == [True, False, False]

@@ -170,7 +170,7 @@ def test_a_run_that_completed_before_the_cancel(discards):
     if discards:
         assert isinstance(worker.error, Cancelled) and worker.result is None
     else:
-        assert worker.error is None and worker.result["version"] == "1.0.0-ft.1"
+        assert worker.error is None and worker.result["version"] == "2.0.0-ft.1"
     worker.cleanup()
 
 
