@@ -926,7 +926,6 @@ class HybridMIMSegmentTest(ScriptedLoadableModuleTest):
         widget.ui.versionSelector.currentIndex = 0
         self.assertTrue(widget.ui.revertButton.enabled)
         widget.ui.revertButton.click()
-        bundledEntry = self.logic.modelVersions(DEFAULT_MODEL)[0]
-        bundled = bundledEntry.path
+        bundled = self.logic.modelVersions(DEFAULT_MODEL)[0].path
         self.assertEqual(self.logic.resolveModel(DEFAULT_MODEL), bundled)
         self.assertEqual(parameters.model, str(bundled))
