@@ -19,7 +19,7 @@ from .imageio import check_output_path, read_volume, write_labelmap
 from .model_card import ModelCard
 from .model_store import LoadedModel, load_model
 from .postprocessing import keep_largest_component
-from .precision import inference_autocast, inference_precision
+from .precision import autocast, inference_precision
 from .preprocessing import checked_model_grid, model_input
 from .progress import CancelToken, ProgressCallback, no_progress
 
@@ -127,7 +127,7 @@ class Segmenter:
         output_bytes = 4 * (self.card.out_channels + 1) * math.prod(volume.shape[1:])
         output_device = torch.device("cpu") if on_gpu and output_bytes > GPU_OUTPUT_BYTES else self.device
         probabilities = None
-        with torch.inference_mode(), inference_autocast(self.device, self.precision):
+        with torch.inference_mode(), autocast(self.device, self.precision):
             for flip in flips:
                 dims = [axis + 2 for axis in flip]
                 flipped = volume[None].to(self.device).flip(dims) if dims else volume[None].to(self.device)

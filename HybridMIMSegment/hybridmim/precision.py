@@ -46,21 +46,18 @@ def training_precision(device: torch.device) -> str:
 
 def inference_precision(device: torch.device, cpu_bf16: bool) -> str:
     """'fp16' (CUDA), 'bf16' (a CPU with bf16 units, for a model whose labels agree with fp32: ``cpu_bf16``) or
-    'fp32': what ``inference_autocast`` runs."""
+    'fp32': what inference autocasts to."""
     if device.type == "cuda":
         return "fp16"
     return "bf16" if cpu_bf16 and device.type == "cpu" and cpu_uses_bf16() else "fp32"
 
 
-def _autocast(device: torch.device, precision: str) -> AbstractContextManager:
+def autocast(device: torch.device, precision: str) -> AbstractContextManager:
+    """Autocast to ``precision`` ('bf16', 'fp16'; anything else runs fp32) on ``device``."""
     if precision in AUTOCAST_TYPES:
         return torch.autocast(device.type, dtype=AUTOCAST_TYPES[precision])
     return nullcontext()
 
 
 def training_autocast(device: torch.device) -> AbstractContextManager:
-    return _autocast(device, training_precision(device))
-
-
-def inference_autocast(device: torch.device, precision: str) -> AbstractContextManager:
-    return _autocast(device, precision)
+    return autocast(device, training_precision(device))

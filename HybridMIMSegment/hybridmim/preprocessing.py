@@ -63,11 +63,16 @@ OUTLIER_SPANS = 10  # how far past the bulk of the intensities a voxel may lie b
 STATISTICS_SAMPLE = 1 << 20  # voxels sampled (evenly) to find the bulk
 
 
+def even_sample(array: np.ndarray) -> np.ndarray:
+    """About ``STATISTICS_SAMPLE`` voxels taken evenly through ``array``, as float64, for robust statistics."""
+    return array.ravel()[::max(1, array.size // STATISTICS_SAMPLE)].astype(np.float64)
+
+
 def clip_outliers(volume: np.ndarray) -> None:
     """Clip, in place, voxels more than ``OUTLIER_SPANS`` times the 0.1-99.9 percentile span outside it. A
     single corrupt voxel at 3e38 would otherwise dominate the mean and spread and leave every other voxel at
     about 0 (empty labels); real intensities never lie that far out, so normal volumes are unchanged."""
-    sample = volume.ravel()[::max(1, volume.size // STATISTICS_SAMPLE)].astype(np.float64)
+    sample = even_sample(volume)
     low, high = np.percentile(sample, (0.1, 99.9))
     span = high - low
     if span > 0:
@@ -96,7 +101,7 @@ def as_float32(array: np.ndarray, shift_free: bool) -> np.ndarray:
     float32; when the normalisation ignores offsets they are first centred on their median, slice by slice."""
     if not shift_free or array.dtype.itemsize < 8:
         return np.array(array, dtype=np.float32)
-    sample = array.ravel()[::max(1, array.size // STATISTICS_SAMPLE)].astype(np.float64)
+    sample = even_sample(array)
     finite = sample[np.isfinite(sample)]
     centre = float(np.median(finite)) if finite.size else 0.0
     out = np.empty(array.shape, np.float32)
