@@ -312,7 +312,7 @@ class FineTuneTask(WorkerTask):
         if choice.minutes is not None:
             arguments += ["--minutes", repr(float(choice.minutes))]
         if inputs.label_set.label_names is not None:
-            arguments += ["--labels", *inputs.label_set.label_names]
+            arguments += [f"--labels={name}" for name in inputs.label_set.label_names]  # a name may start with '-'
         if self.model_id:
             arguments += ["--id", self.model_id]
         return arguments

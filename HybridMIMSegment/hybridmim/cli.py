@@ -253,9 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--minutes", type=float, help="time budget (with --steps: whichever comes first; "
                                                       "neither given: 5 minutes or 3000 steps)")
     tune.add_argument("--steps", type=int, help="step budget")
-    tune.add_argument("--labels", nargs="+", metavar="NAME",
+    tune.add_argument("--labels", nargs="+", action="extend", metavar="NAME",
                       help="structure names for label values 1..N when they differ from the model's (the output "
-                           "layer is re-made and the result gets a new id)")
+                           "layer is re-made and the result gets a new id); a name starting with '-' is given "
+                           "as --labels=NAME")
     tune.add_argument("--id", help="id of the result (default: the model's, or '<model>-<labels>' for new labels)")
     tune.add_argument("--learning-rate", type=float, metavar="LR",
                       help=f"peak learning rate (default {DEFAULT_LEARNING_RATE:g}); lower, e.g. 1e-4, changes a "

@@ -18,8 +18,10 @@ import slicerio
 
 from .errors import InputImageError, OutputError
 from .model_card import Label
+from .staging import remove_stale_staging
 
 LABELMAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+STAGING_PREFIX = ".hybridmim-"  # a label map is written in such a folder next to its target, then renamed
 
 
 def read_volume(path: str | os.PathLike, series: str | None = None) -> sitk.Image:
@@ -228,12 +230,23 @@ def _as_scalar_3d(image: sitk.Image, path: Path) -> sitk.Image:
     return image
 
 
+MAX_INFINITE_FRACTION = 0.001  # a few corrupt voxels are replaced; more means the stored values overflowed
+
+
 def _check_values(image: sitk.Image, path: Path) -> None:
+    """NaN voxels (masked-out background) and a few infinite ones are tolerated; many infinite voxels mean the
+    reader overflowed (a NIfTI ``scl_slope`` of 1e37 turns most voxels into inf) and the image is lost."""
     if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
         return
-    finite = np.isfinite(sitk.GetArrayViewFromImage(image))
+    values = sitk.GetArrayViewFromImage(image)
+    finite = np.isfinite(values)
     if not finite.any():
         raise InputImageError(f"{path} contains no finite values (all NaN or infinite)")
+    infinite = int(np.isinf(values).sum())
+    if infinite > MAX_INFINITE_FRACTION * values.size:
+        raise InputImageError(f"{path}: {infinite} of {values.size} voxels are infinite: the stored values overflow "
+                              "when scaled (a NIfTI header's scl_slope too large?); rescale the volume and save it "
+                              "again")
 
 
 def _first_line(error: Exception) -> str:
@@ -262,7 +275,7 @@ def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | N
     if not existing.is_dir():
         raise OutputError(f"Cannot write {path}: {existing} is a file, not a folder")
     try:  # permissions, read-only mounts and pseudo file systems (/sys, /proc): only a real file tells
-        with tempfile.TemporaryFile(prefix=".hybridmim-probe-", dir=existing):
+        with tempfile.TemporaryFile(prefix=f"{STAGING_PREFIX}probe-", dir=existing):
             pass
     except OSError as error:
         raise OutputError(f"Cannot write {path}: {existing} does not accept new files ({error.strerror})") from error
@@ -281,7 +294,8 @@ def write_labelmap(labelmap: sitk.Image, path: str | os.PathLike, labels: Sequen
     path = check_output_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".hybridmim-", dir=path.parent))
+        remove_stale_staging(path.parent, STAGING_PREFIX)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=path.parent))
     except OSError as error:
         raise OutputError(f"Cannot write {path}: {error}") from error
     try:

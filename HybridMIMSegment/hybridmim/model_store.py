@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,12 +22,12 @@ from typing import TYPE_CHECKING
 
 from .errors import ChecksumError, ModelCardError, ModelNotFoundError, OutputError
 from .model_card import CARD_FILE, WEIGHTS_FILE, ModelCard
+from .staging import remove_stale_staging
 
 logger = logging.getLogger(__name__)
 
 ACTIVE_FILE = "active.json"
 LOCK_FILE = ".lock"
-STALE_STAGING_SECONDS = 600  # a hidden staging entry this old belongs to a run that was killed while saving
 FINE_TUNE_MARK = "-ft."  # versions made by fine-tuning: <base version>-ft.<n>
 DEFAULT_MODEL = "hippocampus-cnn"  # what Segment uses when no model is named (CLI, Slicer, scripts)
 
@@ -159,7 +158,7 @@ def store_lock() -> Iterator[Path]:
     with handle:
         _lock(handle)
         try:
-            _remove_stale_staging(root)
+            remove_stale_staging(root, ".", keep={LOCK_FILE})
             yield root
         finally:
             _unlock(handle)
@@ -190,16 +189,6 @@ def _unlock(handle) -> None:
         import fcntl
 
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _remove_stale_staging(root: Path) -> None:
-    for entry in root.iterdir():
-        if entry.name.startswith(".") and entry.name != LOCK_FILE:
-            try:
-                if time.time() - entry.lstat().st_mtime > STALE_STAGING_SECONDS:
-                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-            except OSError:
-                continue
 
 
 def set_active_version(model_id: str, version: str) -> ModelFolder:

@@ -116,6 +116,16 @@ def make_gzip_bomb(folder: Path) -> Path:
     return path
 
 
+def make_overflowing_slope(folder: Path) -> Path:
+    """An int16 NIfTI whose scl_slope 1e37 scales most stored values beyond float32 (the reader gives inf)."""
+    path = folder / "slope.nii"
+    sitk.WriteImage(sitk.Cast(sitk.ReadImage(str(SAMPLE_IMAGE)), sitk.sitkInt16), str(path))
+    header = bytearray(path.read_bytes())
+    struct.pack_into("<ff", header, 112, 1e37, 0.0)  # scl_slope, scl_inter
+    path.write_bytes(header)
+    return path
+
+
 BAD_INPUTS = {
     "2D image": (make_2d, "2D image"),
     "4D image": (make_4d, "4D image"),
@@ -124,6 +134,7 @@ BAD_INPUTS = {
     "truncated raw": (make_truncated_raw, "Cannot read"),
     "non-image file": (make_text, "Cannot read"),
     "NaN volume": (make_nan, "no finite values"),
+    "overflowing scl_slope": (make_overflowing_slope, "scl_slope"),
     "colour image": (make_rgb, "components per voxel"),
     "absurd spacing": (make_huge_spacing, "check the spacing in its header"),
     "larger than memory": (make_larger_than_memory, "GiB is available"),

@@ -402,15 +402,16 @@ def test_fine_tune_task_writes_a_new_active_version(scene, card, shared_data):
 
 
 def test_fine_tune_task_with_new_names_makes_a_new_model(scene, card):
+    """A segment name may look like an option ('-...'): it still reaches the engine as a name."""
     volume = load_volume_node(scene, SAMPLE_IMAGE)
     whole = sitk.Cast(sitk.ReadImage(str(SAMPLE_LABEL)) > 0, sitk.sitkUInt8)
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "whole")
-    update_segmentation_node(segmentation, whole, [Label(1, "hippocampus", [1, 1, 0])], volume)
+    update_segmentation_node(segmentation, whole, [Label(1, "-hippocampus", [1, 1, 0])], volume)
     inputs = gather_inputs([segmentation], [], card)
     task = FineTuneTask(inputs, BUNDLED_MODEL, fine_tune_settings(None, None, 1), "cpu")
     assert task.wait(300) and task.error is None, task.error
     new = ModelCard.load(task.result)
-    assert new.id == "hippocampus-cnn-hippocampus" and [label.name for label in new.labels] == ["hippocampus"]
+    assert new.id == "hippocampus-cnn-hippocampus" and [label.name for label in new.labels] == ["-hippocampus"]
 
 
 def test_cancelled_fine_tune_writes_nothing(scene, card):

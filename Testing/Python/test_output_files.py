@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -13,8 +15,9 @@ import SimpleITK as sitk
 from conftest import SAMPLE_IMAGE
 from hybridmim.cli import main
 from hybridmim.errors import OutputError
-from hybridmim.imageio import LABELMAP_SUFFIXES, write_labelmap
+from hybridmim.imageio import LABELMAP_SUFFIXES, STAGING_PREFIX, write_labelmap
 from hybridmim.model_card import Label
+from hybridmim.staging import STALE_STAGING_SECONDS
 
 LABELS = [Label(1, "one", [1.0, 0.0, 0.0]), Label(2, "two", [0.0, 1.0, 0.0])]
 
@@ -38,6 +41,19 @@ def test_every_format_reads_back_as_the_labels_and_leaves_nothing_else(tmp_path,
                                                                                       labelmap.GetOrigin())
     expected = {path.name} | ({"out.zraw"} if suffix == ".mhd" else set())  # a .mhd's data file moved with it
     assert {p.name for p in tmp_path.iterdir()} == expected
+
+
+def test_staging_left_by_a_killed_run_is_removed_by_the_next_write(tmp_path):
+    """kill -9 cannot unwind: its hidden staging folder is removed once it is old, and nothing else is touched."""
+    stale, fresh, other = tmp_path / f"{STAGING_PREFIX}k3j2", tmp_path / f"{STAGING_PREFIX}x9q1", tmp_path / ".keep"
+    for folder in (stale, fresh, other):
+        folder.mkdir()
+        (folder / "out.nii.gz").write_bytes(b"half")
+    old = time.time() - STALE_STAGING_SECONDS - 60
+    for folder in (stale, other):
+        os.utime(folder, (old, old))
+    write_labelmap(random_labelmap(8), tmp_path / "out.nii.gz", LABELS)
+    assert not stale.exists() and fresh.exists() and other.exists()
 
 
 @pytest.fixture

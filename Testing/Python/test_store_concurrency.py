@@ -16,13 +16,13 @@ from conftest import BUNDLED_MODEL, REPO, SAMPLE_IMAGE, SAMPLE_LABEL
 from hybridmim.model_card import CARD_FILE
 from hybridmim.model_store import (
     ACTIVE_FILE,
-    STALE_STAGING_SECONDS,
     active_versions,
     model_versions,
     resolve_model,
     set_active_version,
     user_models_dir,
 )
+from hybridmim.staging import STALE_STAGING_SECONDS
 
 
 def test_two_fine_tunes_at_once_get_their_own_versions():
