@@ -160,7 +160,7 @@ def _read_dicom_folder(folder: Path, series: str | None) -> sitk.Image:
     if series is None and len(found) > 1 or series is not None and series not in found:
         listing = "; ".join(_describe_series(folder, uid) for uid in found)
         head = f"{folder} has no DICOM series {series}" if series else f"{folder} holds {len(found)} DICOM series"
-        raise InputImageError(f"{head}: {listing}. Choose one with --series UID")
+        raise InputImageError(f"{head}: {listing}. Choose one with --series UID, or give a folder holding one series")
     files = reader.GetGDCMSeriesFileNames(str(folder), series or found[0])
     _check_slices(files)
     _check_fits_in_memory(folder, _header(Path(files[0])), slices=len(files))
