@@ -22,7 +22,7 @@ from .finetune_plan import target_card
 from .inference import Segmenter, select_device
 from .methods import AUTOMATIC, MAX_LABELED, default_budget, default_method
 from .model_card import WEIGHTS_FILE
-from .model_store import LoadedModel, load_matching, read_weights, save_new_version
+from .model_store import LoadedModel, check_user_models_dir, load_matching, read_weights, save_new_version
 from .networks import build_network, output_layer_names
 from .postprocessing import single_piece_labels
 from .progress import CancelToken
@@ -52,6 +52,7 @@ def fine_tune(model: str | Path, labeled: Sequence[tuple[ImageSource, ImageSourc
         raise HybridMIMError(f"Fine-tuning needs 1 to {MAX_LABELED} labelled volumes, not {len(labeled)}")
     parent_folder, parent, state = read_weights(model)
     card, remake_head = target_card(parent, label_names, model_id)
+    check_user_models_dir()
     target = select_device(device)
 
     status(f"Loading {len(labeled)} labelled, {len(unlabeled)} unlabelled volumes")

@@ -144,14 +144,29 @@ def active_versions() -> dict[str, str]:
     return dict(data)
 
 
+def check_user_models_dir() -> Path:
+    """The user models folder exists and accepts new files: checked before a fine-tune spends its budget, so a
+    folder that is a file, read-only or on a full disk is refused before training rather than after."""
+    root = user_models_dir()
+    if root.exists() and not root.is_dir():
+        raise OutputError(f"Cannot use the user models folder {root}: it is a file (set HYBRIDMIM_USER_MODELS to a "
+                          "folder)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(prefix=".probe-", dir=root):
+            pass
+    except OSError as error:
+        raise OutputError(f"Cannot use the user models folder {root}: {error}") from error
+    return root
+
+
 @contextmanager
 def store_lock() -> Iterator[Path]:
     """Hold the user models folder's lock: numbering, saving and activating versions happen one run at a time
     (two fine-tunes at once must not both take version -ft.3, nor lose each other's active.json entry). Staging
     left by runs killed while saving is removed under it. Yields the folder."""
-    root = user_models_dir()
+    root = check_user_models_dir()
     try:
-        root.mkdir(parents=True, exist_ok=True)
         handle = open(root / LOCK_FILE, "a+b")  # noqa: SIM115 (held across the yield)
     except OSError as error:
         raise OutputError(f"Cannot use the user models folder {root}: {error}") from error

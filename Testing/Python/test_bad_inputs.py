@@ -254,3 +254,16 @@ def test_bad_fine_tune_input_is_refused_before_training(tmp_path, capsys, change
                          "--quiet", *extra], capsys)
     assert code == 2 and err.startswith("error: ") and message in err
     assert not user_models_dir().exists() or not any(user_models_dir().iterdir())
+
+
+def test_an_unusable_user_models_folder_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    """The folder the result would go to is a file: the error comes before a single training step."""
+    blocker = tmp_path / "models"
+    blocker.write_text("not a folder", encoding="utf-8")
+    monkeypatch.setenv("HYBRIDMIM_USER_MODELS", str(blocker))
+    code = main(["finetune", "--labeled", f"{SAMPLE_IMAGE}:{SAMPLE_LABEL}", "--steps", "2", "--device", "cpu",
+                 "--progress", "json"])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: Cannot use the user models folder")
+    assert "is a file" in err
+    assert '"step"' not in out and blocker.read_text(encoding="utf-8") == "not a folder"
