@@ -37,7 +37,7 @@ if ! python -c 'import torch' 2>/dev/null; then
 fi
 
 if [[ "$task" == demo ]]; then
-  python -m pip install -q -e ".[transformer]"
+  python -m pip install -q -e .
   mkdir -p out
   hybridmim segment Resources/Samples/hippocampus_017.nii.gz -o out/hippocampus_017.seg.nrrd \
     --preview out/hippocampus_017.png

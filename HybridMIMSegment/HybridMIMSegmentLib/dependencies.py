@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import logging
+from pathlib import Path
 
 import slicer
 from packaging.requirements import Requirement
@@ -20,14 +21,21 @@ from packaging.version import InvalidVersion, Version
 
 logger = logging.getLogger(__name__)
 
-#: What the worker imports in Slicer's Python (the CLI's tqdm/pillow come with it). numpy, SimpleITK and torch
-#: are not installed from PyPI here: the first two are Slicer's own, torch comes from the PyTorch extension.
-REQUIREMENTS = ["monai>=1.4,<1.7", "safetensors>=0.4", "slicerio>=1.4", "einops>=0.7", "tqdm>=4.60", "pillow>=10"]
-SLICER_OWNED = ["numpy", "SimpleITK", "torch", "vtk"]
+#: The engine's one list of requirements (pyproject.toml reads the same file), shipped with the engine.
+REQUIREMENTS_FILE = Path(__file__).resolve().parents[1] / "hybridmim" / "requirements.txt"
+#: Not installed from PyPI here: numpy and SimpleITK are Slicer's own, torch comes from the PyTorch extension.
+SLICER_OWNED = {"numpy", "simpleitk", "torch", "vtk"}
 #: torch when MONAI is not installed yet: what MONAI 1.6, the newest the engine accepts, declares (older MONAI in
 #: the range want less), so torch is installed once. (PyTorchUtils imports torch in Slicer's process while it
 #: installs it: the one time it is there.)
 TORCH_FALLBACK = "torch>=2.8"
+
+
+def worker_requirements() -> list[Requirement]:
+    """What the worker needs from PyPI in Slicer's Python: the engine's requirements but Slicer's own packages."""
+    lines = REQUIREMENTS_FILE.read_text(encoding="utf-8").splitlines()
+    requirements = [Requirement(line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return [r for r in requirements if r.name.lower() not in SLICER_OWNED]
 
 
 def installed_version(distribution: str) -> Version | None:
@@ -64,7 +72,7 @@ def unmet(requirement: Requirement) -> str | None:
 
 def missing_packages() -> list[str]:
     """Each requirement that is not met, with why; torch first."""
-    reasons = [unmet(torch_requirement()), *(unmet(Requirement(text)) for text in REQUIREMENTS)]
+    reasons = [unmet(torch_requirement()), *(unmet(requirement) for requirement in worker_requirements())]
     return [reason for reason in reasons if reason]
 
 
@@ -88,7 +96,7 @@ def ensure_dependencies(ask: bool | None = None) -> bool:
     with slicer.util.WaitCursor():
         if unmet(torch_requirement()):  # first: MONAI's own install must not pull a torch from PyPI
             _install_torch(torch_requirement())
-        _pip_install([text for text in REQUIREMENTS if unmet(Requirement(text))])
+        _pip_install([str(requirement) for requirement in worker_requirements() if unmet(requirement)])
     still_missing = missing_packages()
     if still_missing:
         raise RuntimeError("These packages could not be installed: " + "; ".join(still_missing) + ". For torch, "

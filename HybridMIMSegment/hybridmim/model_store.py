@@ -35,8 +35,14 @@ if TYPE_CHECKING:  # torch is imported where weights are read or written, so lis
     import torch
 
 
+BUNDLED_MODELS_MISSING = ("the bundled models were not found: set HYBRIDMIM_BUNDLED_MODELS to the Resources/Models "
+                          "folder of a HybridMIMSegment source tree or installed Slicer extension (a pip-installed "
+                          "wheel does not carry them)")
+
+
 def bundled_models_dir() -> Path:
-    """``$HYBRIDMIM_BUNDLED_MODELS``, else ``Resources/Models`` of the source tree or of the installed module."""
+    """``$HYBRIDMIM_BUNDLED_MODELS``, else ``Resources/Models`` of the source tree or of the installed module
+    (the Slicer extension installs it next to the ``hybridmim`` folder)."""
     override = os.environ.get("HYBRIDMIM_BUNDLED_MODELS")
     if override:
         return Path(override)
@@ -74,6 +80,8 @@ def scan_models() -> tuple[list[ModelFolder], list[tuple[Path, str]]]:
     bundled_ids: set[str] = set()
     for root, bundled in ((bundled_models_dir(), True), (user_models_dir(), False)):
         if not root.is_dir():
+            if bundled:
+                skipped.append((root, BUNDLED_MODELS_MISSING))
             continue
         for folder in sorted(p for p in root.iterdir() if not p.name.startswith(".") and p.is_dir()):
             try:
@@ -103,7 +111,9 @@ def resolve_model(model: str | os.PathLike) -> Path:
     versions = model_versions(str(model))
     if not versions:
         known = ", ".join(sorted({m.card.id for m in list_models()})) or "none"
-        raise ModelNotFoundError(f"No model '{model}' (not a model folder, not a known id). Known models: {known}")
+        missing = "" if bundled_models_dir().is_dir() else f"; {BUNDLED_MODELS_MISSING}"
+        raise ModelNotFoundError(f"No model '{model}' (not a model folder, not a known id). Known models: "
+                                 f"{known}{missing}")
     active = active_versions().get(str(model))
     chosen = [m for m in versions if m.card.version == active]
     return (chosen or versions)[-1].path

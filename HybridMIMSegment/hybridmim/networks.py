@@ -83,7 +83,7 @@ def _swinunetr(in_channels: int, out_channels: int, **args: Any) -> nn.Module:
         import einops  # noqa: F401  (MONAI's SwinUNETR needs it but does not install it)
     except ImportError as error:
         raise ModelCardError(
-            "SwinUNETR models need the 'einops' package: pip install 'hybridmim-segment[transformer]'"
+            "SwinUNETR models need the 'einops' package: pip install einops"
         ) from error
     from monai.networks.nets import SwinUNETR, swin_unetr
 

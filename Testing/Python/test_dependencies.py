@@ -14,11 +14,11 @@ from conftest import REPO
 pytest.importorskip("slicer", reason="slicer-core is installed by the test set-up (./setup.sh test)")
 
 from HybridMIMSegmentLib.dependencies import (  # noqa: E402
-    REQUIREMENTS,
     installed_version,
     missing_packages,
     torch_requirement,
     unmet,
+    worker_requirements,
 )
 
 
@@ -53,7 +53,18 @@ def test_unmet_says_what_and_why():
 
 def test_this_environment_has_everything_the_worker_needs():
     assert missing_packages() == []
-    assert all(installed_version(Requirement(text).name) for text in REQUIREMENTS)
+    assert all(installed_version(requirement.name) for requirement in worker_requirements())
+
+
+def test_the_worker_installs_the_engine_requirements_but_slicers_own_packages():
+    """One list of versions: the pip package's metadata and the Slicer installer agree."""
+    import importlib.metadata
+
+    names = {r.name.lower() for r in worker_requirements()}
+    assert {"monai", "safetensors", "slicerio", "einops"} <= names and not names & {"torch", "numpy", "simpleitk"}
+    declared = {Requirement(text).name.lower(): Requirement(text).specifier
+                for text in importlib.metadata.requires("hybridmim-segment") if "extra" not in text}
+    assert all(declared[r.name.lower()] == r.specifier for r in worker_requirements())
 
 
 def test_checking_imports_neither_torch_nor_monai():

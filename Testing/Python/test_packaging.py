@@ -4,20 +4,26 @@ exists, the extension depends on the PyTorch extension, the engine never imports
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
+import os
 import re
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
+import zipfile
 
-from conftest import REPO
+from conftest import REPO, SAMPLE_IMAGE
 
 MODULE = REPO / "HybridMIMSegment"
 
 
 def test_module_cmakelists_lists_every_python_file_and_resource():
     cmake = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
-    listed = set(re.findall(r"^\s+([\w/${}]+\.(?:py|png|ui))\s*$", cmake, re.MULTILINE))
+    listed = set(re.findall(r"^\s+([\w/${}]+\.(?:py|png|ui|txt))\s*$", cmake, re.MULTILINE))
     listed = {name.replace("${MODULE_NAME}", "HybridMIMSegment") for name in listed}
-    on_disk = {str(p.relative_to(MODULE)) for p in MODULE.rglob("*.py") if "__pycache__" not in p.parts}
+    files = [*MODULE.rglob("*.py"), *(MODULE / "hybridmim").glob("*.txt")]  # the engine's requirements list
+    on_disk = {str(p.relative_to(MODULE)) for p in files if "__pycache__" not in p.parts}
     assert on_disk <= listed, f"missing from CMakeLists.txt: {sorted(on_disk - listed)}"
     for name in listed:
         assert (MODULE / name).is_file(), name
@@ -94,3 +100,35 @@ def test_loading_the_slicer_module_imports_nothing_heavy():
             + "; print(sorted(m for m in ('torch', 'monai', 'SimpleITK', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_wheel_holds_every_module_and_works_outside_the_source_tree(tmp_path):
+    """A normal install, not an editable one: the wheel holds every engine and training module, both tools run
+    from it, and without the bundled models the error names the setting that points at them."""
+    offline = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []  # else pip fetches it
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "-q", "-w", str(tmp_path / "dist"),
+                    *offline], check=True, timeout=600, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("hybridmim_segment-*.whl"))
+    sources = {f"hybridmim/{p.relative_to(MODULE / 'hybridmim')}" for p in (MODULE / "hybridmim").rglob("*.py")}
+    sources |= {f"hybridmim_training/{p.relative_to(REPO / 'training')}" for p in (REPO / "training").rglob("*.py")}
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        archive.extractall(tmp_path / "site")
+    assert sources <= names, f"not in the wheel: {sorted(sources - names)}"
+    assert "hybridmim/requirements.txt" in names
+
+    env = {key: value for key, value in os.environ.items() if key != "HYBRIDMIM_BUNDLED_MODELS"}
+    env.update(PYTHONPATH=str(tmp_path / "site"), HYBRIDMIM_USER_MODELS=str(tmp_path / "user"))
+
+    def run(*args: str, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *args], cwd=tmp_path, env={**env, **extra}, capture_output=True,
+                              text=True, timeout=300)
+
+    where = run("-c", "import hybridmim, hybridmim_training.pretraining.pretrain as p; print(hybridmim.__file__); "
+                      "print(p.__file__)").stdout.split()
+    assert len(where) == 2 and all(path.startswith(str(tmp_path / "site")) for path in where)
+    assert run("-m", "hybridmim_training.cli", "pretrain", "--help").returncode == 0
+    missing = run("-m", "hybridmim.cli", "segment", str(SAMPLE_IMAGE), "-o", str(tmp_path / "out.nii.gz"))
+    assert missing.returncode == 2 and "HYBRIDMIM_BUNDLED_MODELS" in missing.stderr.strip().splitlines()[-1]
+    found = run("-m", "hybridmim.cli", "models", "--json", HYBRIDMIM_BUNDLED_MODELS=str(REPO / "Resources" / "Models"))
+    assert "hippocampus-cnn" in {model["id"] for model in json.loads(found.stdout)["models"]}
