@@ -17,7 +17,7 @@ from hybridmim.imageio import read_volume
 from hybridmim.inference import Segmenter, segment_file, window_count
 from hybridmim.model_card import ModelCard
 from hybridmim.model_store import list_models, load_model, resolve_model, save_model
-from hybridmim.networks import monai_default_attention
+from hybridmim.networks import kept_window_masks, monai_default_attention
 from hybridmim.progress import CancelToken
 
 
@@ -199,14 +199,17 @@ def test_fast_attention_keeps_the_swinunetr_labels():
     default attention."""
     from monai.networks.nets import swin_unetr
 
+    plain_mask = swin_unetr.compute_mask
     segmenter = Segmenter("hippocampus-swin", "cpu")
     volume = sitk.Expand(read_volume(SAMPLE_IMAGE), [2, 2, 1])  # several windows
     flags = [m.use_flash_attention for m in segmenter.model.network.modules() if hasattr(m, "use_flash_attention")]
     fast = sitk.GetArrayFromImage(segmenter.segment(volume))
+    kept = kept_window_masks(segmenter.model.network)
     with monai_default_attention(segmenter.model.network):
-        assert not hasattr(swin_unetr.compute_mask, "cache_info")
+        assert kept_window_masks(segmenter.model.network) is None
         plain = sitk.GetArrayFromImage(segmenter.segment(volume))
-    assert flags and all(flags) and swin_unetr.compute_mask.cache_info().hits > 0
+    assert flags and all(flags) and kept.hits > 0
+    assert swin_unetr.compute_mask is plain_mask  # MONAI's module is never patched
     assert (fast == plain).mean() > 0.9999 and len(np.unique(plain)) == 3
 
 
