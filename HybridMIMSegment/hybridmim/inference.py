@@ -92,8 +92,11 @@ class Segmenter:
 
     @property
     def precision(self) -> str:
-        """What the windows run in on the current device (it changes if a GPU runs out of memory)."""
-        return self.requested_precision or inference_precision(self.device, self.card.inference.get("cpu_bf16", False))
+        """What the windows run in on the Segmenter's device."""
+        return self.precision_on(self.device)
+
+    def precision_on(self, device: torch.device) -> str:
+        return self.requested_precision or inference_precision(device, self.card.inference.get("cpu_bf16", False))
 
     @property
     def card(self) -> ModelCard:
@@ -106,12 +109,16 @@ class Segmenter:
         return int(self.card.inference.get("window_batch", DEFAULT_WINDOW_BATCH))
 
     def predict_probabilities(self, volume: torch.Tensor, progress: ProgressCallback = no_progress,
-                              cancel: CancelToken | None = None) -> torch.Tensor:
+                              cancel: CancelToken | None = None, *, device: torch.device | None = None,
+                              window_batch: int | None = None) -> torch.Tensor:
         """(C, X, Y, Z) normalised input on the model grid -> (classes, X, Y, Z) softmax probabilities on the CPU,
-        averaged over the card's test-time flips (``inference.tta_flip_axes``, canonical axes)."""
+        averaged over the card's test-time flips (``inference.tta_flip_axes``, canonical axes). ``device`` and
+        ``window_batch`` (default: the Segmenter's) are this call's; the network must be on that device."""
+        device = device or self.device
+        window_batch = window_batch or self.sw_batch_size
         roi = tuple(int(p) for p in self.card.patch_size)
         flips = [(), *((int(axis),) for axis in self.card.inference.get("tta_flip_axes", []))]
-        total = len(flips) * math.ceil(window_count(volume.shape[1:], roi, self.overlap) / self.sw_batch_size)
+        total = len(flips) * math.ceil(window_count(volume.shape[1:], roi, self.overlap) / window_batch)
         done = 0
 
         def predictor(windows: torch.Tensor) -> torch.Tensor:
@@ -123,15 +130,15 @@ class Segmenter:
             progress(min(done / total, 1.0), f"window batch {done}/{total}")
             return output
 
-        on_gpu = self.device.type == "cuda"
+        on_gpu = device.type == "cuda"
         output_bytes = 4 * (self.card.out_channels + 1) * math.prod(volume.shape[1:])
-        output_device = torch.device("cpu") if on_gpu and output_bytes > GPU_OUTPUT_BYTES else self.device
+        output_device = torch.device("cpu") if on_gpu and output_bytes > GPU_OUTPUT_BYTES else device
         probabilities = None
-        with torch.inference_mode(), autocast(self.device, self.precision):
+        with torch.inference_mode(), autocast(device, self.precision_on(device)):
             for flip in flips:
                 dims = [axis + 2 for axis in flip]
-                flipped = volume[None].to(self.device).flip(dims) if dims else volume[None].to(self.device)
-                logits = sliding_window_inference(flipped, roi, self.sw_batch_size, predictor,
+                flipped = volume[None].to(device).flip(dims) if dims else volume[None].to(device)
+                logits = sliding_window_inference(flipped, roi, window_batch, predictor,
                                                   overlap=self.overlap, mode=self.blend, device=output_device)
                 scores = softmax_in_slabs(logits.float())
                 scores = scores.flip(dims) if dims else scores
@@ -143,27 +150,32 @@ class Segmenter:
     def _predict_with_fallback(self, volume: torch.Tensor, progress: ProgressCallback,
                                cancel: CancelToken | None) -> torch.Tensor:
         """On GPU out-of-memory, retry with half as many windows per call, and on the CPU once a single window
-        does not fit; each step is logged and reported."""
-        while True:
-            try:
-                return self.predict_probabilities(volume, progress, cancel)
-            except torch.cuda.OutOfMemoryError:
-                if self.device.type != "cuda":
-                    raise
-                torch.cuda.empty_cache()
-                if self.sw_batch_size > 1:
-                    self.sw_batch_size //= 2
-                    message = f"GPU out of memory: retrying with {self.sw_batch_size} window(s) per batch"
-                else:
-                    self.device = torch.device("cpu")
-                    self.model.network.to(self.device)
-                    self.sw_batch_size = self.card_window_batch
-                    message = "GPU out of memory: continuing on the CPU"
-                logger.warning("%s (model %s)", message, self.card.id)
-                progress(0.0, message)
-            finally:
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()  # a finished, failed or cancelled run gives its GPU memory back
+        does not fit; each step is logged and reported. The choice holds for this volume only: the Segmenter
+        (and its network) is back on its own device and window batch for the next one."""
+        device, window_batch = self.device, self.sw_batch_size
+        try:
+            while True:
+                try:
+                    return self.predict_probabilities(volume, progress, cancel, device=device,
+                                                      window_batch=window_batch)
+                except torch.cuda.OutOfMemoryError:
+                    if device.type != "cuda":
+                        raise
+                    torch.cuda.empty_cache()
+                    if window_batch > 1:
+                        window_batch //= 2
+                        message = f"GPU out of memory: retrying with {window_batch} window(s) per batch"
+                    else:
+                        device, window_batch = torch.device("cpu"), self.card_window_batch
+                        self.model.network.to(device)
+                        message = "GPU out of memory: continuing on the CPU for this volume"
+                    logger.warning("%s (model %s)", message, self.card.id)
+                    progress(0.0, message)
+        finally:
+            if device != self.device:
+                self.model.network.to(self.device)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # a finished, failed or cancelled run gives its GPU memory back
 
     def segment(self, image: sitk.Image, progress: ProgressCallback = no_progress,
                 cancel: CancelToken | None = None) -> sitk.Image:

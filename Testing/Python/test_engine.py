@@ -155,19 +155,23 @@ def test_cancel_stops_the_run_and_writes_nothing(tmp_path):
 
 def test_gpu_out_of_memory_halves_the_window_batch_then_moves_to_the_cpu(segmenter, monkeypatch):
     """Fault injection: every 'GPU' call runs out of memory. The segmenter retries with 4, 2, 1 windows per call,
-    then finishes on the CPU with the labels of a plain CPU run, saying what it did."""
+    then finishes on the CPU with the labels of a plain CPU run, saying what it did; the next volume starts on the
+    GPU again with the full window batch (one large volume must not keep a long session on the CPU)."""
     volume = read_volume(SAMPLE_IMAGE)
     expected = sitk.GetArrayFromImage(segmenter.segment(volume))
     fallback = Segmenter(segmenter.model, "cpu", sw_batch_size=8)
     fallback.device = torch.device("cuda")  # pretend; the injected failure stands in for CUDA
+    network = fallback.model.network
+    moves = []
+    monkeypatch.setattr(network, "to", lambda device: moves.append(torch.device(device).type) or network)
     real = Segmenter.predict_probabilities
     attempts = []
 
-    def out_of_memory_on_gpu(self, *args, **kwargs):
-        attempts.append((self.device.type, self.sw_batch_size))
-        if self.device.type == "cuda":
+    def out_of_memory_on_gpu(self, *args, device, window_batch, **kwargs):
+        attempts.append((device.type, window_batch))
+        if device.type == "cuda":
             raise torch.cuda.OutOfMemoryError("injected")
-        return real(self, *args, **kwargs)
+        return real(self, *args, device=device, window_batch=window_batch, **kwargs)
 
     monkeypatch.setattr(Segmenter, "predict_probabilities", out_of_memory_on_gpu)
     messages = []
@@ -176,6 +180,9 @@ def test_gpu_out_of_memory_halves_the_window_batch_then_moves_to_the_cpu(segment
     assert sum("out of memory" in message for message in messages) == 4
     assert "continuing on the CPU" in messages[messages.index("preprocessing") + 4]
     assert np.array_equal(sitk.GetArrayFromImage(labels), expected)
+    assert moves == ["cpu", "cuda"] and fallback.device.type == "cuda" and fallback.sw_batch_size == 8
+    fallback.segment(volume)
+    assert attempts[5:] == attempts[:5]  # the next volume tried the GPU with 8 windows first again
 
 
 def test_window_batch_does_not_change_the_labels(segmenter):
