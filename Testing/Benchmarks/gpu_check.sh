@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The prepared GPU check: one call on a lent GPU machine, under 10 minutes, from the repository root.
+# The GPU check: one run on a GPU machine, under 10 minutes, from the repository root.
 #   inference (GPU default precision and fp32 vs the CPU), one default fine-tuning round, the training step in
 #   fp32 vs bf16, 50 HybridMIM pre-training steps per backbone.
 # Dry run on a CPU (a few steps of each, same code paths):  bash Testing/Benchmarks/gpu_check.sh --dry-run
 #
-# The GPU machine lacks MONAI and SimpleITK and takes a working tree of at most 64 MiB. Before the call, here:
+# For a GPU machine without network access, MONAI and SimpleITK, and a copy of the tree limited to 64 MiB,
+# prepare on a networked machine:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl "monai==$(python -c 'import monai; print(monai.__version__)')" \
-#     "SimpleITK==$(python -c 'import SimpleITK; print(SimpleITK.__version__)')" slicerio   # about 54 MB
+#     "SimpleITK==$(python -c 'import SimpleITK; print(SimpleITK.__version__)')" slicerio einops   # about 54 MB
 #   mkdir -p ../models-aside && for m in Resources/Models/*; do [ "${m##*/}" = la-cnn ] || mv "$m" ../models-aside/; done
-# then run with carry [".whl"] and command "bash Testing/Benchmarks/gpu_check.sh 2>&1 | tee $OUT/gpu_check.log",
+# then copy the tree with .whl/ and run "bash Testing/Benchmarks/gpu_check.sh 2>&1 | tee $OUT/gpu_check.log",
 # and afterwards move the models back: mv ../models-aside/* Resources/Models/
 set -euo pipefail
 cd "$(dirname "$0")/../.."
