@@ -2,7 +2,7 @@
 # Set up HybridMIMSegment in a virtual environment and run the demo or the test suite.
 #
 #   ./setup.sh demo   segment the shipped sample with the bundled model (.seg.nrrd + PNG preview)
-#   ./setup.sh test   run the whole test suite (pytest) and the linter (ruff)
+#   ./setup.sh test   run the linter (ruff), the type checker on the engine (mypy) and the whole test suite (pytest)
 #
 # PyTorch: on a machine without an NVIDIA GPU this installs the CPU build torch==2.13.0; with a GPU, the newest
 # CUDA build from PyPI. Override with HYBRIDMIM_TORCH_SPEC (e.g. "torch==2.5.1"). An existing torch is kept.
@@ -44,5 +44,6 @@ if [[ "$task" == demo ]]; then
 else
   python -m pip install -q -e ".[test]"
   ruff check .
+  mypy
   python -m pytest "${@:2}"
 fi

@@ -23,6 +23,8 @@ def evaluate(segmenter: Segmenter, cases: Sequence[LabeledVolume], cancel: Cance
     names = segmenter.card.label_names()
     rows = []
     for case in cases:
+        if case.label is None:
+            raise InputImageError(f"'{case.name}' has no label map to evaluate against")
         predicted = segmenter.segment(as_image(case.image), cancel=cancel)
         reference = sitk.Cast(as_image(case.label), sitk.sitkUInt8)
         if reference.GetSize() != predicted.GetSize():

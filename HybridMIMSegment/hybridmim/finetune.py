@@ -60,7 +60,10 @@ def fine_tune(model: str | Path, labeled: Sequence[tuple[ImageSource, ImageSourc
                      for i, (image, label) in enumerate(labeled)]
     unlabeled_cases = [load_case(card, image, None, source_name(image, f"unlabelled-{i + 1}"))
                        for i, image in enumerate(unlabeled)]
-    card.inference["largest_component"] = single_piece_labels([c.label for c in labeled_cases], card.label_names())
+    label_arrays = [c.label for c in labeled_cases if c.label is not None]
+    if len(label_arrays) != len(labeled_cases):
+        raise HybridMIMError("Every labelled volume needs its label map")
+    card.inference["largest_component"] = single_piece_labels(label_arrays, card.label_names())
     if card.largest_component_names():
         status("One piece in every corrected volume, so only its largest piece will be kept: "
                + ", ".join(card.largest_component_names()))

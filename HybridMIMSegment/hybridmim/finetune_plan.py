@@ -21,7 +21,7 @@ def target_card(parent: ModelCard, label_names: Sequence[str] | None, model_id: 
     same = label_names is None or list(label_names) == [label.name for label in parent.labels]
     if label_names is None and parent.task != "segmentation":
         raise HybridMIMError(f"Model '{parent.id}' is pre-trained only: name the structures to learn (labels)")
-    if not same:
+    if label_names is not None and not same:  # same whenever no names are given
         names = [str(n).strip() for n in label_names]
         if not names or any(not n for n in names) or len(set(names)) != len(names):
             raise HybridMIMError(f"Label names must be distinct and non-empty, not {list(label_names)[:20]}")

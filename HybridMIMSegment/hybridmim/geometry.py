@@ -39,7 +39,7 @@ class Reorientation:
                 perm[world] = index
                 flip[world] = bool(matrix[world, index] < 0)
                 used_index_axes.add(index)
-        return cls(tuple(perm), tuple(flip))
+        return cls((perm[0], perm[1], perm[2]), (flip[0], flip[1], flip[2]))
 
     def apply(self, array: np.ndarray) -> np.ndarray:
         """Source (..., i, j, k) array -> canonical array. Leading axes (channels) are kept."""
@@ -58,7 +58,8 @@ class Reorientation:
         return np.transpose(array, (*range(lead), *(lead + int(p) for p in inverse)))
 
     def spacing(self, spacing: Sequence[float]) -> tuple[float, float, float]:
-        return tuple(float(spacing[p]) for p in self.perm)
+        x, y, z = self.perm
+        return float(spacing[x]), float(spacing[y]), float(spacing[z])
 
 
 @dataclass(frozen=True)
@@ -76,14 +77,16 @@ class ModelGrid:
 
 def model_grid(image: sitk.Image, target_spacing: Sequence[float] | None) -> ModelGrid:
     reorientation = Reorientation.from_direction(image.GetDirection())
-    shape = tuple(int(image.GetSize()[p]) for p in reorientation.perm)
+    x, y, z = reorientation.perm
+    size = image.GetSize()
+    shape = (int(size[x]), int(size[y]), int(size[z]))
     if target_spacing is None:
         return ModelGrid(reorientation, shape, shape)
     spacing = reorientation.spacing(image.GetSpacing())
     if all(abs(s - t) <= SPACING_TOLERANCE * t for s, t in zip(spacing, target_spacing)):
         return ModelGrid(reorientation, shape, shape)
-    model_shape = tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target_spacing))
-    return ModelGrid(reorientation, shape, model_shape)
+    nx, ny, nz = (max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target_spacing))
+    return ModelGrid(reorientation, shape, (nx, ny, nz))
 
 
 def image_to_canonical(image: sitk.Image, grid: ModelGrid) -> np.ndarray:

@@ -7,6 +7,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -133,16 +134,18 @@ class Segmenter:
         on_gpu = device.type == "cuda"
         output_bytes = 4 * (self.card.out_channels + 1) * math.prod(volume.shape[1:])
         output_device = torch.device("cpu") if on_gpu and output_bytes > GPU_OUTPUT_BYTES else device
-        probabilities = None
+        probabilities: torch.Tensor | None = None
         with torch.inference_mode(), autocast(device, self.precision_on(device)):
             for flip in flips:
                 dims = [axis + 2 for axis in flip]
                 flipped = volume[None].to(device).flip(dims) if dims else volume[None].to(device)
-                logits = sliding_window_inference(flipped, roi, window_batch, predictor,
-                                                  overlap=self.overlap, mode=self.blend, device=output_device)
+                logits = cast(torch.Tensor, sliding_window_inference(flipped, roi, window_batch, predictor,
+                                                                     overlap=self.overlap, mode=self.blend,
+                                                                     device=output_device))
                 scores = softmax_in_slabs(logits.float())
                 scores = scores.flip(dims) if dims else scores
                 probabilities = scores if probabilities is None else probabilities.add_(scores)
+            assert probabilities is not None  # flips always holds the unflipped pass
             if len(flips) > 1:
                 probabilities.div_(len(flips))
         return probabilities[0].cpu()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import ModelCardError
 
@@ -145,7 +146,7 @@ class ModelCard:
         return cls.from_dict(data, source=str(path))
 
     def validate(self, source: str = "model card") -> None:
-        def fail(message: str) -> None:
+        def fail(message: str) -> NoReturn:
             raise ModelCardError(f"{source}: {message}")
 
         check_schema(self.to_dict(), fail)
@@ -219,7 +220,7 @@ def _plain_architecture_args(value: Any, depth: int = 0) -> bool:
     return False
 
 
-def check_schema(data: dict[str, Any], fail) -> None:
+def check_schema(data: dict[str, Any], fail: Callable[[str], NoReturn]) -> None:
     """The typed, bounded card schema (types, ranges, plain text); ``fail(message)`` raises."""
     for key in ("id", "version", "name", "modality", "task"):
         if not isinstance(data.get(key), str) or CONTROL_CHARACTERS.search(data[key]) or len(data[key]) > 200:
@@ -276,7 +277,7 @@ def check_schema(data: dict[str, Any], fail) -> None:
     inference = data["inference"]
     if not _is_number(inference.get("overlap", 0.25), 0.0, 0.95):
         fail("inference.overlap must be a number from 0 to 0.95")
-    if not _is_int(inference.get("window_batch", 1), 1, MAX_WINDOW_BATCH):
+    if "window_batch" in inference and not _is_int(inference["window_batch"], 1, MAX_WINDOW_BATCH):
         fail(f"inference.window_batch must be a whole number from 1 to {MAX_WINDOW_BATCH}")
     flips = inference.get("tta_flip_axes", [])
     if not (isinstance(flips, list) and all(_is_int(a, 0, 2) for a in flips) and len(set(flips)) == len(flips)):

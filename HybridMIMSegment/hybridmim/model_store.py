@@ -195,7 +195,8 @@ def _lock(handle) -> None:
 
         while True:
             try:
-                msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)  # retries for about 10 s, then raises
+                # retries for about 10 s, then raises (ignore: msvcrt's stubs define it on Windows only)
+                msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)  # type: ignore[attr-defined]
                 return
             except OSError:
                 continue
@@ -209,7 +210,7 @@ def _unlock(handle) -> None:
         import msvcrt
 
         handle.seek(0)
-        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)  # type: ignore[attr-defined]  # Windows-only stubs
     else:
         import fcntl
 

@@ -11,7 +11,7 @@ import functools
 import inspect
 import types
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch.nn as nn
 
@@ -134,7 +134,7 @@ def keep_window_masks(network: nn.Module, enabled: bool = True) -> nn.Module:
                                  plain.__defaults__, plain.__closure__)
     forward.cache_info = cached.cache_info  # type: ignore[attr-defined]
     for layer in layers:
-        layer.forward = types.MethodType(forward, layer)
+        layer.forward = types.MethodType(forward, layer)  # type: ignore[method-assign]  # per instance, by design
     return network
 
 
@@ -152,7 +152,7 @@ def fuse_attention(network: nn.Module, enabled: bool = True) -> nn.Module:
     Training passes are unchanged: MONAI takes the fused path only without gradients."""
     for module in network.modules():
         if hasattr(module, "use_flash_attention"):
-            module.use_flash_attention = enabled
+            cast(Any, module).use_flash_attention = enabled  # a plain attribute, not a Module or Tensor
     return network
 
 

@@ -126,6 +126,7 @@ def model_input(image: sitk.Image, grid: ModelGrid, intensity: Intensity) -> np.
     source_shape = [0, 0, 0]
     for canonical_axis, source_axis in enumerate(perm):
         source_shape[source_axis] = grid.model_shape[canonical_axis]
-    volume = resize(volume[None], source_shape[::-1])[0].numpy()
-    canonical = grid.reorientation.apply(volume.transpose(2, 1, 0))
+    resized = resize(volume[None], source_shape[::-1])[0].numpy()
+    del volume  # the unresized input is not needed below (large volumes)
+    canonical = grid.reorientation.apply(resized.transpose(2, 1, 0))
     return normalize_intensity(canonical, intensity)[None]

@@ -35,7 +35,7 @@ def write_preview(volume: sitk.Image, labelmap: sitk.Image, labels: Sequence[Lab
         grey[mask] = (1 - opacity) * grey[mask] + opacity * colours[label[k][mask]]
         tile = Image.fromarray((grey * 255).astype(np.uint8))
         height = max(1, round(TILE * tile.height * aspect / tile.width))
-        tiles.append(tile.resize((TILE, height), Image.NEAREST))
+        tiles.append(tile.resize((TILE, height), Image.Resampling.NEAREST))
     canvas = Image.new("RGB", (TILE * len(tiles), max(t.height for t in tiles)))
     for index, tile in enumerate(tiles):
         canvas.paste(tile, (index * TILE, 0))

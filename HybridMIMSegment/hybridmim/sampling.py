@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from types import EllipsisType
 
 import numpy as np
 import torch
@@ -23,12 +24,15 @@ def padded_crop(array: np.ndarray, start: Sequence[int], size: Sequence[int]) ->
     """``array[..., start:start+size]`` over the last three axes, with zeros where the window leaves the volume
     (as sliding-window inference pads)."""
     out = np.zeros((*array.shape[:-3], *size), array.dtype)
-    source, target = [], []
+    source: list[slice] = []
+    target: list[slice] = []
     for begin, length, extent in zip(start, size, array.shape[-3:]):
         first, last = max(begin, 0), min(begin + length, extent)
         source.append(slice(first, last))
         target.append(slice(first - begin, last - begin))
-    out[(..., *target)] = array[(..., *source)]
+    target_index: tuple[EllipsisType | slice, ...] = (..., *target)
+    source_index: tuple[EllipsisType | slice, ...] = (..., *source)
+    out[target_index] = array[source_index]
     return out
 
 
@@ -135,7 +139,7 @@ class PatchSampler:
                 step = torch.eye(3, dtype=torch.float64)
                 step[i, i], step[i, j], step[j, i], step[j, j] = c, -s, s, c
                 rotation = step @ rotation
-            rotation = rotation / self.rng.uniform(*self.scale_range)
+            rotation = rotation / self.rng.uniform(self.scale_range[0], self.scale_range[1])
             thetas.append(torch.diag(1 / half) @ rotation @ torch.diag(half))
         theta = torch.cat([torch.stack(thetas), torch.zeros(count, 3, 1, dtype=torch.float64)], 2).float()
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)

@@ -8,6 +8,8 @@ none where the teacher is not confident.
 
 from __future__ import annotations
 
+from types import EllipsisType
+
 import torch
 import torch.nn.functional as F
 
@@ -17,11 +19,11 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float)
     """teacher <- decay * teacher + (1 - decay) * student, parameters and floating-point buffers alike."""
     for t, s in zip(teacher.parameters(), student.parameters()):
         t.mul_(decay).add_(s.detach(), alpha=1 - decay)
-    for t, s in zip(teacher.buffers(), student.buffers()):
-        if t.is_floating_point():
-            t.mul_(decay).add_(s.detach(), alpha=1 - decay)
+    for t_buffer, s_buffer in zip(teacher.buffers(), student.buffers()):
+        if t_buffer.is_floating_point():
+            t_buffer.mul_(decay).add_(s_buffer.detach(), alpha=1 - decay)
         else:
-            t.copy_(s)
+            t_buffer.copy_(s_buffer)
 
 
 @torch.no_grad()
@@ -35,12 +37,13 @@ def pseudo_labels(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor,
 def box_mask(shape: tuple[int, ...], fraction: float, generator: torch.Generator) -> torch.Tensor:
     """A (1, 1, X, Y, Z) bool mask, True inside one randomly placed box whose sides are ``fraction`` of the patch."""
     mask = torch.zeros((1, 1, *shape), dtype=torch.bool)
-    box = []
+    box: list[slice] = []
     for extent in shape:
         side = max(1, round(extent * fraction))
         start = int(torch.randint(0, extent - side + 1, (1,), generator=generator))
         box.append(slice(start, start + side))
-    mask[(..., *box)] = True
+    index: tuple[EllipsisType | slice, ...] = (..., *box)
+    mask[index] = True
     return mask
 
 

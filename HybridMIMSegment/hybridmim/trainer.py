@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -155,12 +155,14 @@ def validation_dice(network: torch.nn.Module, cases: Sequence[Case], patch_size:
     engine's full inference on the original grid)."""
     was_training = network.training
     network.eval()
-    scores = []
+    scores: list[float] = []
     with torch.inference_mode():
         for case in cases:
-            logits = sliding_window_inference(torch.from_numpy(case.image)[None].to(device), tuple(patch_size),
-                                              DEFAULT_WINDOW_BATCH, network, overlap=DEFAULT_OVERLAP,
-                                              mode=DEFAULT_BLEND)
+            if case.label is None:
+                raise HybridMIMError(f"The validation volume '{case.name}' has no label map")
+            logits = cast(torch.Tensor, sliding_window_inference(torch.from_numpy(case.image)[None].to(device),
+                                                                 tuple(patch_size), DEFAULT_WINDOW_BATCH, network,
+                                                                 overlap=DEFAULT_OVERLAP, mode=DEFAULT_BLEND))
             prediction = logits.argmax(1)[0].cpu().numpy()
             scores.extend(dice_per_label(prediction, case.label, list(range(1, logits.shape[1]))).values())
     network.train(was_training)
@@ -197,10 +199,11 @@ def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: 
         raise HybridMIMError("At least one labelled volume is needed")
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
-    augment = {"flip_axes": settings.flip_axes, "foreground_probability": settings.foreground_probability,
-               "intensity_jitter": settings.intensity_jitter, "rotation_degrees": settings.rotation_degrees,
-               "scale_range": settings.scale_range, "spatial_probability": settings.spatial_probability,
-               "gamma_probability": settings.gamma_probability, "noise_probability": settings.noise_probability}
+    augment: dict[str, Any] = {
+        "flip_axes": settings.flip_axes, "foreground_probability": settings.foreground_probability,
+        "intensity_jitter": settings.intensity_jitter, "rotation_degrees": settings.rotation_degrees,
+        "scale_range": settings.scale_range, "spatial_probability": settings.spatial_probability,
+        "gamma_probability": settings.gamma_probability, "noise_probability": settings.noise_probability}
     labeled_sampler = PatchSampler(labeled, patch_size, settings.seed, **augment)
     unlabeled_sampler = PatchSampler(unlabeled, patch_size, settings.seed + 1, **augment) if unlabeled else None
 
@@ -240,11 +243,15 @@ def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: 
         if semi and teacher is None:
             teacher = copy.deepcopy(network).eval().requires_grad_(False)
         images, labels = labeled_sampler.batch(settings.batch_size)
+        if labels is None:
+            raise HybridMIMError("Every labelled volume needs its label map")
         images, labels = images.to(device), labels.to(device)
         with autocast:
             if not semi:
                 losses = {"supervised": weighted_dice_ce(network(images), labels, torch.ones_like(labels).float())}
             else:
+                # settings.check: a semi-supervised method has unlabelled volumes; the teacher is made above
+                assert unlabeled_sampler is not None and teacher is not None
                 unlabeled_images, _ = unlabeled_sampler.batch(settings.unlabeled_batch_size)
                 unlabeled_images = unlabeled_images.to(device)
                 with torch.no_grad():
@@ -252,7 +259,7 @@ def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: 
                 step_losses = _mean_teacher_losses if settings.method == "mean-teacher" else _bcp_losses
                 losses = step_losses(network, images, labels, unlabeled_images, teacher_labels, confident,
                                      settings, fraction, generator)
-            loss = sum(losses.values())
+            loss = cast(torch.Tensor, sum(losses.values()))  # a sum of loss tensors (never empty)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
