@@ -10,13 +10,16 @@ from pathlib import Path
 
 from hybridmim.errors import HybridMIMError
 
+from .config import read_config
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hybridmim-train", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("supervised", help="supervised training from an MSD-style dataset.json")
-    train.add_argument("--config", type=Path, required=True, help="training config JSON (card template + settings)")
+    train.add_argument("--config", type=Path, required=True, help="config JSON: {\"card\": ..., \"training\": ...} "
+                       "(hybridmim_training.config; training/configs/ has examples)")
     train.add_argument("--dataset", type=Path, required=True, help="MSD-style dataset.json")
     train.add_argument("--output", type=Path, required=True, help="new model folder to create")
     train.add_argument("--steps", type=int, help="override the config's number of steps")
@@ -35,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     evaluation.add_argument("--device", default="auto")
 
     pre = commands.add_parser("pretrain", help="HybridMIM self-supervised pre-training (torchrun for several GPUs)")
-    pre.add_argument("--config", type=Path, required=True, help="pre-training config JSON")
+    pre.add_argument("--config", type=Path, required=True,
+                     help="config JSON: {\"card\": ..., \"pretraining\": ..., \"data\": ...} "
+                          "(hybridmim_training.config)")
     pre.add_argument("--output", type=Path, required=True, help="run folder: checkpoint, logs, exported model/")
     pre.add_argument("--device", default="auto", help="auto, cpu or cuda")
     pre.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
@@ -51,13 +56,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise HybridMIMError("--resume needs --log-dir: the checkpoint is kept there")
             if args.log_dir:
                 args.log_dir.mkdir(parents=True, exist_ok=True)
-            folder = train_supervised(json.loads(args.config.read_text(encoding="utf-8")), args.dataset, args.output,
+            folder = train_supervised(read_config(args.config), args.dataset, args.output,
                                       args.device, args.log_dir, args.steps, args.init, args.resume)
             print(f"Model written to {folder}")
         elif args.command == "pretrain":
             from .pretraining.pretrain import pretrain
 
-            folder = pretrain(json.loads(args.config.read_text(encoding="utf-8")), args.output, args.device,
+            folder = pretrain(read_config(args.config), args.output, args.device,
                               args.resume, args.stop_after)
             if folder:
                 print(f"Pre-trained model written to {folder}")

@@ -6,7 +6,6 @@ own inference path, on each case's original grid, and the split's case ids are w
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import tempfile
@@ -22,8 +21,9 @@ from hybridmim.model_card import WEIGHTS_FILE, ModelCard
 from hybridmim.model_store import LoadedModel, initialise_from, save_model
 from hybridmim.networks import build_network
 from hybridmim.postprocessing import single_piece_labels
-from hybridmim.trainer import Checkpoint, TrainProgress, TrainSettings, train_network
+from hybridmim.trainer import Checkpoint, TrainProgress, train_network
 
+from .config import SupervisedConfig
 from .datalist import read_datalist, split_cases
 from .report import write_report
 
@@ -31,25 +31,21 @@ logger = logging.getLogger(__name__)
 
 HALF_DICE_TOLERANCE = 0.001
 CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_EVERY = 500
-DEFAULT_TRAINING = {"steps": 2000, "learning_rate": 2e-3, "warmup_steps": 100, "validation_fraction": 0.2}
 
 
 def train_supervised(config: dict[str, Any], dataset_json: Path, output: Path, device: str = "auto",
                      log_dir: Path | None = None, steps: int | None = None, init: str | None = None,
                      resume: bool = False) -> Path:
-    """Train, evaluate on the held-out split, write the model folder. ``init``: a model folder or id (e.g.
+    """Train, evaluate on the held-out split, write the model folder. ``config``: the JSON of a supervised
+    training config (``hybridmim_training.config``), checked before any work. ``init``: a model folder or id (e.g.
     HybridMIM-pretrained) whose encoder and decoder start the network; its head is made anew. With ``log_dir`` a
     checkpoint is kept there; ``resume`` continues from it."""
-    settings = {**DEFAULT_TRAINING, **config.get("training", {})}
-    if steps is not None:
-        settings["steps"] = steps
-    known = {f.name for f in dataclasses.fields(TrainSettings)}
-    train_settings = TrainSettings(**{k: v for k, v in settings.items() if k in known})
-    card = ModelCard.from_dict({**config["card"], "weights": {"file": WEIGHTS_FILE, "sha256": ""}})
+    run = SupervisedConfig.from_dict(config).with_steps(steps)
+    train_settings = run.settings
+    card = ModelCard.from_dict({**run.card, "weights": {"file": WEIGHTS_FILE, "sha256": ""}})
     target = select_device(device)
 
-    train_paths, validation_paths = split_cases(read_datalist(dataset_json), settings["validation_fraction"],
+    train_paths, validation_paths = split_cases(read_datalist(dataset_json), run.validation_fraction,
                                                 train_settings.seed)
     logger.info("%d training cases, %d validation cases", len(train_paths), len(validation_paths))
     cases = [load_case(card, c.image, c.label, c.name) for c in tqdm(train_paths, desc="loading", leave=False)]
@@ -76,8 +72,7 @@ def train_supervised(config: dict[str, Any], dataset_json: Path, output: Path, d
             log.write(json.dumps({"step": progress.step, "loss": loss, "lr": progress.learning_rate}) + "\n")
             log.flush()
 
-    checkpoint = Checkpoint(Path(log_dir) / CHECKPOINT, settings.get("checkpoint_every", CHECKPOINT_EVERY),
-                            resume) if log_dir else None
+    checkpoint = Checkpoint(Path(log_dir) / CHECKPOINT, run.checkpoint_every, resume) if log_dir else None
     result = train_network(network, cases, [], card.patch_size, train_settings, target, progress=report_step,
                            checkpoint=checkpoint)
     bar.close()
@@ -89,7 +84,7 @@ def train_supervised(config: dict[str, Any], dataset_json: Path, output: Path, d
         write_report(report, Path(log_dir))
     card.training = {
         **card.training,
-        "steps": result.steps, "settings": {**settings, **dataclasses.asdict(train_settings)},
+        "steps": result.steps, "settings": run.recorded_settings(),
         "train_cases": len(train_paths), "time_seconds": round(result.seconds), "hardware": result.hardware,
     }
     card.metrics = {
@@ -98,7 +93,7 @@ def train_supervised(config: dict[str, Any], dataset_json: Path, output: Path, d
         "dice": report["dice_mean"], "hd95_mm": report["hd95_mean_mm"],
         "per_case": "evaluation.csv of the training run (Dice and HD95 per validation case)",
     }
-    if settings.get("storage") == "float16":
+    if run.storage == "float16":
         return _save_half_if_dice_unchanged(output, network.cpu(), card, report, validation_paths, target)
     return save_model(output, network.cpu(), card)
 

@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_inference import PeakMemory  # noqa: E402
 
+from hybridmim_training.config import PretrainSettings  # noqa: E402
 from hybridmim_training.pretraining.losses import masked_reconstruction_loss  # noqa: E402
 from hybridmim_training.pretraining.masking import (  # noqa: E402
     apply_mask,
@@ -27,8 +28,9 @@ from hybridmim_training.pretraining.masking import (  # noqa: E402
     voxel_mask,
 )
 from hybridmim_training.pretraining.pretext import GRID, HybridMIMModel  # noqa: E402
-from hybridmim_training.pretraining.pretrain import DEFAULTS, pretext_losses  # noqa: E402
+from hybridmim_training.pretraining.pretrain import pretext_losses  # noqa: E402
 
+DEFAULTS = PretrainSettings()
 BACKBONES = {
     "cnn (BasicUNet 32..512)": ("basicunet", {"features": [32, 32, 64, 128, 256, 32], "dropout": 0.1}),
     "swin (SwinUNETR-24)": ("swinunetr", {"feature_size": 24, "dropout_path_rate": 0.1}),
@@ -43,7 +45,7 @@ def hybridmim_step(module, optimizer, crops, device, generator) -> None:
 
 
 def full_reconstruction_step(module, optimizer, crops, device, generator) -> None:
-    mask = voxel_mask(random_patch_mask(crops.shape[0], GRID, DEFAULTS["mask_ratio"], generator),
+    mask = voxel_mask(random_patch_mask(crops.shape[0], GRID, DEFAULTS.mask_ratio, generator),
                       module.patch_size).to(device)
     crops = crops.to(device)
     loss = masked_reconstruction_loss(module.backbone(apply_mask(crops, mask)), crops, mask)
@@ -54,7 +56,7 @@ def full_reconstruction_step(module, optimizer, crops, device, generator) -> Non
 
 def partial_reconstruction_step(module, optimizer, crops, device, generator) -> None:
     """The pixel-level task alone (decoder restricted to the block): isolates what partial prediction saves."""
-    mask = voxel_mask(random_patch_mask(crops.shape[0], GRID, DEFAULTS["mask_ratio"], generator),
+    mask = voxel_mask(random_patch_mask(crops.shape[0], GRID, DEFAULTS.mask_ratio, generator),
                       module.patch_size).to(device)
     crops = crops.to(device)
     corner = random_corner(generator)

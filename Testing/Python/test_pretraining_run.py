@@ -40,14 +40,13 @@ def volumes(shared_data, tmp_path):
 
 def tiny_config(volumes, steps: int, **pretraining) -> dict:
     return {
-        "id": "test-hybridmim-cnn",
-        "architecture": {"name": "basicunet", "args": {"features": [8, 8, 16, 16, 32, 8], "dropout": 0.1}},
-        "patch_size": 8, "target_spacing": [2.0, 2.0, 2.0],
+        "card": {"id": "test-hybridmim-cnn", "target_spacing": [2.0, 2.0, 2.0],
+                 "architecture": {"name": "basicunet", "args": {"features": [8, 8, 16, 16, 32, 8], "dropout": 0.1}}},
         "data": {"folders": [[str(volumes / "ct"), "CT"], [str(volumes / "mri"), "MRI"]],
                  "validation_fraction": 0.4},
         "pretraining": {"steps": steps, "volumes_per_step": 2, "crops_per_volume": 2, "learning_rate": 2e-3,
                         "warmup_steps": 3, "save_every": 4, "validate_every": 10, "log_every": 1, "workers": 0,
-                        **pretraining},
+                        "mask_patch": 8, **pretraining},
     }
 
 
@@ -81,7 +80,9 @@ def test_crops_depend_on_seed_rank_and_step_only(volumes, tmp_path):
 
 
 def test_loss_falls_on_real_volumes_and_export_has_no_head(volumes, tmp_path):
-    folder = pretrain({**tiny_config(volumes, 30), "fine_tuning_patch": [32, 32, 16]}, tmp_path / "run", device="cpu")
+    config = tiny_config(volumes, 30)
+    config["card"]["patch_size"] = [32, 32, 16]
+    folder = pretrain(config, tmp_path / "run", device="cpu")
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text(encoding="utf-8").splitlines()]
     totals = [entry["total"] for entry in log if "total" in entry]
     assert len(totals) == 30 and np.mean(totals[-5:]) < 0.8 * np.mean(totals[:5])

@@ -4,6 +4,7 @@ the random masks/dropout of every step are derived from the seed, the rank and t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from hybridmim.model_store import save_model
 from hybridmim.preprocessing import HU_WINDOW
 from hybridmim.trainer import hardware_name, warmup_cosine
 
+from ..config import PretrainConfig, PretrainData, PretrainSettings
 from ..datalist import seeded_split
 from .data import Source, StepCrops, cached_volume, sources_from_datalist, sources_from_folder
 from .losses import consistency_loss, count_loss, location_loss, masked_reconstruction_loss, nt_xent_loss
@@ -31,33 +33,26 @@ from .pretext import GRID, HybridMIMModel
 
 logger = logging.getLogger(__name__)
 
-DEFAULTS: dict[str, Any] = {
-    "steps": 1000, "volumes_per_step": 4, "crops_per_volume": 2, "mask_ratio": 0.4, "region": "random",
-    "loss_weights": {"reconstruction": 1.0, "count": 0.1, "location": 0.1, "consistency": 0.01, "contrastive": 0.1},
-    "temperature": 0.5, "learning_rate": 1e-4, "weight_decay": 1e-3, "warmup_steps": 500, "save_every": 500,
-    "validate_every": 500, "log_every": 10, "workers": 2, "seed": 0,
-}
-VALIDATION_FRACTION = 0.1  # of the volumes, held out for the validation losses, unless "data" says otherwise
 CHECKPOINT = "checkpoint.pt"
 
 
-def collect_sources(data: dict[str, Any]) -> list[Source]:
-    sources = [s for path in data.get("datalists", []) for s in sources_from_datalist(Path(path))]
-    sources += [s for path, modality in data.get("folders", []) for s in sources_from_folder(Path(path), modality)]
+def collect_sources(data: PretrainData) -> list[Source]:
+    sources = [s for path in data.datalists for s in sources_from_datalist(Path(path))]
+    sources += [s for path, modality in data.folders for s in sources_from_folder(Path(path), modality)]
     if not sources:
         raise ValueError("No pre-training volumes: give datalists and/or folders")
     return sources
 
 
-def pretext_losses(model, module: HybridMIMModel, crops: torch.Tensor, settings: dict, generator: torch.Generator,
-                   device: torch.device, gather: bool = True) -> dict[str, torch.Tensor]:
+def pretext_losses(model, module: HybridMIMModel, crops: torch.Tensor, settings: PretrainSettings,
+                   generator: torch.Generator, device: torch.device, gather: bool = True) -> dict[str, torch.Tensor]:
     """All five HybridMIM losses and their weighted total for one batch of crops. ``model`` is the (possibly DDP
     wrapped) ``module``; ``gather=False`` for work on one rank only (no collective operations)."""
-    patch_mask = random_patch_mask(crops.shape[0], GRID, settings["mask_ratio"], generator)
+    patch_mask = random_patch_mask(crops.shape[0], GRID, settings.mask_ratio, generator)
     mask = voxel_mask(patch_mask, module.patch_size).to(device)
     crops = crops.to(device)
     masked = apply_mask(crops, mask)
-    corner = random_corner(generator) if settings["region"] == "random" else (0, 0, 0)
+    corner = random_corner(generator) if settings.region == "random" else (0, 0, 0)
     output = model(masked, corner)
     with torch.no_grad():  # second pass with other dropout: the positive of each sample
         positives = module.embed(masked)
@@ -68,9 +63,10 @@ def pretext_losses(model, module: HybridMIMModel, crops: torch.Tensor, settings:
         "count": count_loss(output.count_logits, counts.to(device)),
         "location": location_loss(output.location_logits, bits.to(device)),
         "consistency": consistency_loss(output.count_logits, output.location_logits),
-        "contrastive": nt_xent_loss(output.embedding, positives, settings["temperature"], gather),
+        "contrastive": nt_xent_loss(output.embedding, positives, settings.temperature, gather),
     }
-    losses["total"] = sum(settings["loss_weights"][name] * losses[name] for name in settings["loss_weights"])
+    weights = dataclasses.asdict(settings.loss_weights)
+    losses["total"] = sum(weights[name] * losses[name] for name in weights)
     return losses
 
 
@@ -98,17 +94,16 @@ def pretrain(config: dict[str, Any], output: Path, device: str = "auto", resume:
              stop_after: int | None = None) -> Path | None:
     """Pre-train, export ``output/model`` when all steps are done, and return its folder (None if stopped early
     or on ranks other than 0). ``stop_after`` ends this run after that many steps (a later ``resume`` goes on)."""
-    settings = {**DEFAULTS, **config.get("pretraining", {})}
-    settings["loss_weights"] = {**DEFAULTS["loss_weights"], **settings["loss_weights"]}
+    run = PretrainConfig.from_dict(config)
+    settings = run.settings
     rank, world, target = _setup_distributed(device)
     output = Path(output)
     checkpoint_path = output / CHECKPOINT
 
-    fraction = config["data"].get("validation_fraction", VALIDATION_FRACTION)
-    train_sources, validation_sources = seeded_split(collect_sources(config["data"]), lambda s: s.name, fraction,
-                                                     settings["seed"])
-    spacing = config.get("target_spacing")
-    cache = Path(config.get("cache_dir", output / "cache"))
+    train_sources, validation_sources = seeded_split(collect_sources(run.data), lambda s: s.name,
+                                                     run.data.validation_fraction, settings.seed)
+    spacing = run.card.get("target_spacing")
+    cache = Path(settings.cache_dir) if settings.cache_dir else output / "cache"
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         for source in tqdm(train_sources + validation_sources, desc="caching volumes", leave=False):
@@ -118,14 +113,14 @@ def pretrain(config: dict[str, Any], output: Path, device: str = "auto", resume:
     train_cached = [cached_volume(s, spacing, cache) for s in train_sources]
     validation_cached = [cached_volume(s, spacing, cache) for s in validation_sources]
 
-    torch.manual_seed(settings["seed"])
-    module = HybridMIMModel(config["architecture"]["name"], config["architecture"].get("args", {}),
-                            patch_size=config.get("patch_size", 16)).to(target)
+    torch.manual_seed(settings.seed)
+    architecture = run.card["architecture"]
+    module = HybridMIMModel(architecture["name"], architecture.get("args", {}), settings.mask_patch).to(target)
     model = DistributedDataParallel(module) if world > 1 else module
-    optimizer = torch.optim.AdamW(module.parameters(), lr=settings["learning_rate"],
-                                  weight_decay=settings["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(settings["warmup_steps"],
-                                                                           settings["steps"]))
+    optimizer = torch.optim.AdamW(module.parameters(), lr=settings.learning_rate,
+                                  weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(settings.warmup_steps,
+                                                                           settings.steps))
     step, seconds_before = 0, 0.0  # seconds of training in earlier (interrupted) runs
     if resume and checkpoint_path.is_file():
         state = torch.load(checkpoint_path, map_location=target, weights_only=True)
@@ -135,21 +130,21 @@ def pretrain(config: dict[str, Any], output: Path, device: str = "auto", resume:
         step, seconds_before = int(state["step"]), float(state.get("seconds", 0.0))
         logger.info("resumed at step %d", step)
 
-    crops = StepCrops(train_cached, module.crop_size, settings["volumes_per_step"], settings["crops_per_volume"],
-                      settings["seed"], rank, step, settings["steps"])
-    loader = DataLoader(crops, batch_size=None, num_workers=settings["workers"],
+    crops = StepCrops(train_cached, module.crop_size, settings.volumes_per_step, settings.crops_per_volume,
+                      settings.seed, rank, step, settings.steps)
+    loader = DataLoader(crops, batch_size=None, num_workers=settings.workers,
                         pin_memory=target.type == "cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if target.type == "cuda" else nullcontext()
     writer = _tensorboard(output) if rank == 0 else None
     log = open(output / "log.jsonl", "a", encoding="utf-8") if rank == 0 else None  # noqa: SIM115
-    last = settings["steps"] if stop_after is None else min(settings["steps"], step + stop_after)
+    last = settings.steps if stop_after is None else min(settings.steps, step + stop_after)
     bar = tqdm(total=last - step, desc=f"HybridMIM {module.architecture}", disable=rank != 0)
     module.train()
     started = time.time()
     for batch in loader:
         if step >= last:
             break
-        step_seed = settings["seed"] * 1_000_003 + rank * 7919 + step
+        step_seed = settings.seed * 1_000_003 + rank * 7919 + step
         torch.manual_seed(step_seed)  # dropout of this step: identical after a resume
         generator = torch.Generator().manual_seed(step_seed + 1)
         with autocast:
@@ -160,7 +155,7 @@ def pretrain(config: dict[str, Any], output: Path, device: str = "auto", resume:
         scheduler.step()
         step += 1
         bar.update(1)
-        if rank == 0 and (step % settings["log_every"] == 0 or step == last):
+        if rank == 0 and (step % settings.log_every == 0 or step == last):
             values = {name: float(value.detach()) for name, value in losses.items()}
             bar.set_postfix(loss=f"{values['total']:.4f}")
             log.write(json.dumps({"step": step, **values, "lr": scheduler.get_last_lr()[0]}) + "\n")
@@ -168,9 +163,9 @@ def pretrain(config: dict[str, Any], output: Path, device: str = "auto", resume:
             if writer:
                 for name, value in values.items():
                     writer.add_scalar(f"train/{name}", value, step)
-        if rank == 0 and validation_cached and (step % settings["validate_every"] == 0 or step == settings["steps"]):
+        if rank == 0 and validation_cached and (step % settings.validate_every == 0 or step == settings.steps):
             _validate(module, validation_cached, settings, target, step, writer, log)
-        if rank == 0 and (step % settings["save_every"] == 0 or step == last):
+        if rank == 0 and (step % settings.save_every == 0 or step == last):
             _save_checkpoint(checkpoint_path, step, module, optimizer, scheduler,
                              seconds_before + time.time() - started)
     bar.close()
@@ -180,19 +175,19 @@ def pretrain(config: dict[str, Any], output: Path, device: str = "auto", resume:
             writer.close()
     if world > 1:
         dist.barrier()
-    if rank != 0 or step < settings["steps"]:
+    if rank != 0 or step < settings.steps:
         return None
-    return export(module, config, settings, train_sources, len(validation_sources), output / "model",
+    return export(module, run, train_sources, len(validation_sources), output / "model",
                   seconds_before + time.time() - started, output)
 
 
 def _validate(module, cached, settings, target, step, writer, log) -> None:
     """Losses on held-out volumes with fixed crops and masks, so the curve is comparable across steps. Runs on
     rank 0 alone, so it uses the bare module and no collective operation."""
-    crops = StepCrops(cached, module.crop_size, min(len(cached), settings["volumes_per_step"]),
-                      settings["crops_per_volume"], settings["seed"] + 1, 0, 0, 1)[0]
+    crops = StepCrops(cached, module.crop_size, min(len(cached), settings.volumes_per_step),
+                      settings.crops_per_volume, settings.seed + 1, 0, 0, 1)[0]
     with torch.no_grad():
-        losses = pretext_losses(module, module, crops, settings, torch.Generator().manual_seed(settings["seed"]),
+        losses = pretext_losses(module, module, crops, settings, torch.Generator().manual_seed(settings.seed),
                                 target, gather=False)
     values = {f"validation_{name}": float(value) for name, value in losses.items()}
     log.write(json.dumps({"step": step, **values}) + "\n")
@@ -210,29 +205,29 @@ def _tensorboard(output: Path):
     return SummaryWriter(str(output / "tensorboard"))
 
 
-def export(module: HybridMIMModel, config: dict, settings: dict, sources: list[Source], held_out: int,
-           folder: Path, seconds: float, output: Path) -> Path:
-    """Encoder + decoder as an engine model folder; the pretext heads and the reconstruction output are dropped."""
+def export(module: HybridMIMModel, run: PretrainConfig, sources: list[Source], held_out: int, folder: Path,
+           seconds: float, output: Path) -> Path:
+    """Encoder + decoder as an engine model folder; the pretext heads and the reconstruction output are dropped.
+    The config's card gives the id, names, licence and, optionally, the fine-tuning patch (default: the crop) and
+    inference settings that fine-tunes inherit; the run fills in the rest."""
     losses = [json.loads(line) for line in (output / "log.jsonl").read_text(encoding="utf-8").splitlines()]
     final = next((entry for entry in reversed(losses) if "total" in entry), {})
     modalities = sorted({s.modality for s in sources})
+    template = run.card
     card = ModelCard.from_dict({
-        "id": config["id"], "version": config.get("version", "1.0.0"), "name": config.get("name", config["id"]),
-        "description": config.get("description", "HybridMIM-pretrained encoder and decoder (no segmentation head)."),
-        "architecture": config["architecture"], "modality": "+".join(modalities), "task": "pretrained",
+        "version": "1.0.0", "name": template.get("id"), "patch_size": [module.crop_size] * 3,
+        "description": "HybridMIM-pretrained encoder and decoder (no segmentation head).",
+        "licence": "See the pre-training data's licences in 'training'.", **template,
+        "modality": "+".join(modalities), "task": "pretrained", "labels": [],
         "intensity": {"method": "auto", "window": list(HU_WINDOW), "percentiles": [0.5, 99.5]},
-        "target_spacing": config.get("target_spacing"), "labels": [],
-        "patch_size": config.get("fine_tuning_patch", [module.crop_size] * 3),  # smaller: cheaper fine-tuning
-        "licence": config.get("licence", "See the pre-training data's licences in 'training'."),
-        "inference": config.get("inference", {}),  # inherited by fine-tunes (e.g. a window batch per architecture)
         "weights": {"file": WEIGHTS_FILE, "sha256": ""},
-        "training": {"method": "HybridMIM self-supervised pre-training", "steps": settings["steps"],
+        "training": {"method": "HybridMIM self-supervised pre-training", "steps": run.settings.steps,
                      "hardware": f"{dist.get_world_size() if dist.is_initialized() else 1} x "
                                  f"{hardware_name(next(module.parameters()).device)}",
-                     "command": config.get("command", "hybridmim-train pretrain --config <config>"),
+                     "command": "hybridmim-train pretrain --config <config>", **template.get("training", {}),
                      "volumes": len(sources), "validation_volumes": held_out, "modalities": modalities,
-                     "settings": settings,
-                     "data": config["data"], "final_losses": final, "time_seconds": round(seconds),
+                     "settings": dataclasses.asdict(run.settings), "data": dataclasses.asdict(run.data),
+                     "final_losses": final, "time_seconds": round(seconds),
                      "segmentation_head": "none (pretext heads and reconstruction output dropped)"},
     })
     return save_model(folder, module.backbone_state_without_head(), card)
