@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import HybridMIMError
-from .methods import DEFAULT_LEARNING_RATE
+from .methods import AUTOMATIC, DEFAULT_LEARNING_RATE, METHOD_LABELS, METHOD_TOOLTIPS
 from .model_store import DEFAULT_MODEL, active_versions, model_versions, scan_models, set_active_version
 from .progress import PARENT_ENVIRONMENT
 
@@ -247,9 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar="IMAGE:LABEL",
                       help="held-out labelled volumes: Dice during training and on the card (never trained on; "
                            "may be repeated)")
-    tune.add_argument("--method", default="auto", choices=["auto", "supervised", "mean-teacher", "bcp"],
-                      help="auto (default): bcp for one labelled volume with unlabelled ones, else supervised "
-                           "(measured: docs/fine-tuning.md)")
+    tune.add_argument("--method", default=AUTOMATIC, choices=list(METHOD_LABELS),
+                      help="; ".join(f"{name}: {tip.rstrip('.')}" for name, tip in METHOD_TOOLTIPS.items())
+                      + " (default: auto)")
     tune.add_argument("--minutes", type=float, help="time budget (with --steps: whichever comes first; "
                                                       "neither given: 5 minutes or 3000 steps)")
     tune.add_argument("--steps", type=int, help="step budget")

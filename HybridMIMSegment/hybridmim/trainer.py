@@ -1,15 +1,11 @@
-"""The one training loop: supervised, Mean Teacher and BCP, budgeted by steps and/or minutes.
+"""The one training loop, for every fine-tuning method (``hybridmim.methods``), budgeted by steps and/or minutes.
 
 Offline training (``hybridmim_training``), ``hybridmim finetune`` and the Slicer Fine-tune button all run this
 loop, on cases already on the model grid (``hybridmim.cases``).
 
 Semi-supervised methods start with a supervised phase (``supervised_fraction`` of the budget: a new head
 must first learn the structure before its predictions are worth using as pseudo-labels); the EMA teacher is
-then copied from the student and updated every step.
-- ``mean-teacher``: supervised loss on labelled patches + confidence-masked pseudo-label loss on a strong view
-  (CutMix between unlabelled patches plus noise) of unlabelled patches, weight ramped up.
-- ``bcp``: bidirectional copy-paste: a box of an unlabelled patch pasted into a labelled one and the reverse;
-  labelled voxels keep their reference labels, pasted unlabelled voxels get the teacher's labels at weight 0.5.
+then copied from the student and updated every step, and each step's losses are the method's.
 """
 
 from __future__ import annotations
@@ -32,12 +28,13 @@ from monai.inferers import sliding_window_inference
 from .cases import Case
 from .errors import HybridMIMError
 from .inference import DEFAULT_BLEND, DEFAULT_OVERLAP, DEFAULT_WINDOW_BATCH
-from .methods import DEFAULT_LEARNING_RATE, check_budget, check_method
+from .methods import DEFAULT_LEARNING_RATE, StepBatch, check_budget, check_method, get_method
+from .methods.supervised import supervised_loss
 from .metrics import dice_per_label
 from .precision import training_autocast, training_precision
 from .progress import CancelToken
 from .sampling import PatchSampler
-from .semisupervised import box_mask, copy_paste, ema_update, mix, pseudo_labels, sigmoid_rampup, weighted_dice_ce
+from .semisupervised import ema_update, pseudo_labels
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +192,7 @@ def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: 
     step (the caller writes nothing). With ``checkpoint``, the state is saved every ``checkpoint.every`` steps and,
     with ``checkpoint.resume``, the run continues from the saved state."""
     settings.check(len(unlabeled))
+    method = get_method(settings.method)
     if not labeled:
         raise HybridMIMError("At least one labelled volume is needed")
     torch.manual_seed(settings.seed)
@@ -239,7 +237,7 @@ def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: 
             * 0.5 * (1 + math.cos(math.pi * fraction))
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
-        semi = settings.method != "supervised" and fraction >= settings.supervised_fraction
+        semi = method.losses is not None and fraction >= settings.supervised_fraction
         if semi and teacher is None:
             teacher = copy.deepcopy(network).eval().requires_grad_(False)
         images, labels = labeled_sampler.batch(settings.batch_size)
@@ -248,17 +246,16 @@ def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: 
         images, labels = images.to(device), labels.to(device)
         with autocast:
             if not semi:
-                losses = {"supervised": weighted_dice_ce(network(images), labels, torch.ones_like(labels).float())}
+                losses = {"supervised": supervised_loss(network, images, labels)}
             else:
                 # settings.check: a semi-supervised method has unlabelled volumes; the teacher is made above
-                assert unlabeled_sampler is not None and teacher is not None
+                assert unlabeled_sampler is not None and teacher is not None and method.losses is not None
                 unlabeled_images, _ = unlabeled_sampler.batch(settings.unlabeled_batch_size)
                 unlabeled_images = unlabeled_images.to(device)
                 with torch.no_grad():
                     teacher_labels, confident = pseudo_labels(teacher(unlabeled_images), settings.confidence)
-                step_losses = _mean_teacher_losses if settings.method == "mean-teacher" else _bcp_losses
-                losses = step_losses(network, images, labels, unlabeled_images, teacher_labels, confident,
-                                     settings, fraction, generator)
+                losses = method.losses(network, StepBatch(images, labels, unlabeled_images, teacher_labels,
+                                                          confident, settings, fraction, generator))
             loss = cast(torch.Tensor, sum(losses.values()))  # a sum of loss tensors (never empty)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -287,33 +284,3 @@ def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: 
     result.steps, result.seconds = step, budget.elapsed()
     logger.info("%s: %d steps in %.0f s on %s", settings.method, step, result.seconds, result.hardware)
     return result
-
-
-def _mean_teacher_losses(network, images, labels, unlabeled, teacher_labels, confident, settings, fraction,
-                         generator) -> dict[str, torch.Tensor]:
-    """Supervised loss + ramped, confidence-masked pseudo-label loss on CutMixed, noised unlabelled patches."""
-    permutation = torch.roll(torch.arange(unlabeled.shape[0]), 1)
-    box = box_mask(tuple(unlabeled.shape[2:]), settings.paste_fraction, generator).to(unlabeled.device)
-    strong = mix(unlabeled[permutation], unlabeled, box)
-    strong = strong + 0.1 * torch.randn(strong.shape, generator=generator).to(strong.device)
-    mixed_labels = mix(teacher_labels[permutation], teacher_labels, box)
-    mixed_weights = mix(confident[permutation], confident, box)
-    ramp = sigmoid_rampup((fraction - settings.supervised_fraction) / max(1e-6, 1 - settings.supervised_fraction))
-    return {
-        "supervised": weighted_dice_ce(network(images), labels, torch.ones_like(labels).float()),
-        "unlabeled": settings.unlabeled_weight * ramp * weighted_dice_ce(network(strong), mixed_labels, mixed_weights),
-    }
-
-
-def _bcp_losses(network, images, labels, unlabeled, teacher_labels, confident, settings, fraction,
-                generator) -> dict[str, torch.Tensor]:
-    """Both copy-paste directions (unlabelled box into labelled patch, and the reverse)."""
-    del fraction
-    count = min(images.shape[0], unlabeled.shape[0])
-    box = box_mask(tuple(images.shape[2:]), settings.paste_fraction, generator).to(images.device)
-    losses = {}
-    for name, region in (("inward", box), ("outward", ~box)):
-        mixed, mixed_labels, weights = copy_paste(images[:count], labels[:count], unlabeled[:count],
-                                                  teacher_labels[:count], confident[:count], region)
-        losses[name] = weighted_dice_ce(network(mixed), mixed_labels, weights)
-    return losses

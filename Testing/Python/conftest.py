@@ -16,6 +16,13 @@ BUNDLED_MODEL = REPO / "Resources" / "Models" / "hippocampus-cnn"
 SHARED_DATA = Path(os.environ.get("HYBRIDMIM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that use ../shared/data are marked ``shared_data`` (``-m "not shared_data"`` runs the rest)."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.shared_data)
+
+
 @pytest.fixture(autouse=True)
 def isolated_user_models(tmp_path_factory, monkeypatch):
     """Never read or write the real user models folder from a test."""

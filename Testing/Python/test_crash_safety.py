@@ -65,6 +65,7 @@ def test_killed_while_saving_leaves_no_model(point):
     assert folder.name == "hippocampus-cnn-2.0.0-ft.1" and resolve_model("hippocampus-cnn") == folder
 
 
+@pytest.mark.slow
 def test_killed_mid_training_writes_nothing():
     process = run_crashing("none", "--minutes", "1")
     deadline = time.monotonic() + 120

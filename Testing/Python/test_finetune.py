@@ -45,6 +45,7 @@ def bundled_fingerprint() -> dict[str, str]:
     return {str(p.relative_to(BUNDLED_MODEL)): sha256_of(p) for p in sorted(BUNDLED_MODEL.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_new_structure_learned_from_two_volumes_and_bundled_model_untouched(shared_data):
     """Interactive scenario: the bundled hippocampus model learns the left atrium (a new label set, so a new output
     layer) from two labelled volumes plus an unlabelled one with the automatic method (supervised for two); Dice on
@@ -171,6 +172,7 @@ def test_cli_finetune_then_versions(tmp_path, capsys):
     assert [v.card.version for v in model_versions("hippocampus-cnn")] == ["2.0.0", "2.0.0-ft.1"]
 
 
+@pytest.mark.slow
 def test_same_labels_fine_tune_reports_the_starting_models_dice(shared_data, capsys):
     """With validation volumes and the output layer kept, the card and the command line put the new Dice next to
     the starting model's on the same volumes, measured with the engine's own inference."""
@@ -235,6 +237,7 @@ def test_ema_teacher_moves_towards_student():
     assert torch.allclose(teacher.weight, torch.full_like(teacher.weight, 0.1))
 
 
+@pytest.mark.slow
 def test_minutes_budget_stops_on_time():
     """The run ends at the first step boundary after the budget: it overshoots by a few steps' time at most."""
     settings = settings_from("supervised", minutes=0.1)  # 6 seconds

@@ -401,6 +401,7 @@ def test_fine_tune_task_writes_a_new_active_version(scene, card, shared_data):
     assert version_entries("hippocampus-cnn")[-1].active
 
 
+@pytest.mark.slow
 def test_fine_tune_task_with_new_names_makes_a_new_model(scene, card):
     """A segment name may look like an option ('-...'): it still reaches the engine as a name."""
     volume = load_volume_node(scene, SAMPLE_IMAGE)
@@ -414,6 +415,7 @@ def test_fine_tune_task_with_new_names_makes_a_new_model(scene, card):
     assert new.id == "hippocampus-cnn-hippocampus" and [label.name for label in new.labels] == ["-hippocampus"]
 
 
+@pytest.mark.slow
 def test_cancelled_fine_tune_writes_nothing(scene, card):
     from hybridmim.errors import Cancelled
     from hybridmim.model_store import user_models_dir

@@ -8,10 +8,13 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
 import zipfile
+
+import pytest
 
 from conftest import REPO, SAMPLE_IMAGE
 
@@ -102,12 +105,19 @@ def test_loading_the_slicer_module_imports_nothing_heavy():
     assert out.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_the_wheel_holds_every_module_and_works_outside_the_source_tree(tmp_path):
     """A normal install, not an editable one: the wheel holds every engine and training module, both tools run
     from it, and without the bundled models the error names the setting that points at them."""
+    source = tmp_path / "source"  # pip builds in the source folder: a copy keeps build/ out of the checkout
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, source / name)
+    for folder in ("HybridMIMSegment/hybridmim", "training"):
+        shutil.copytree(REPO / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     offline = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []  # else pip fetches it
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "-q", "-w", str(tmp_path / "dist"),
-                    *offline], check=True, timeout=600, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q", "-w",
+                    str(tmp_path / "dist"), *offline], check=True, timeout=600, capture_output=True)
     wheel = next((tmp_path / "dist").glob("hybridmim_segment-*.whl"))
     sources = {f"hybridmim/{p.relative_to(MODULE / 'hybridmim')}" for p in (MODULE / "hybridmim").rglob("*.py")}
     sources |= {f"hybridmim_training/{p.relative_to(REPO / 'training')}" for p in (REPO / "training").rglob("*.py")}

@@ -31,6 +31,7 @@ def test_bf16_only_on_bf16_cpus_for_models_measured_to_agree(monkeypatch):
     assert Segmenter("la-cnn", "cpu").precision == "fp32"
 
 
+@pytest.mark.slow
 def test_la_cnn_bf16_labels_agree_with_fp32_on_a_held_out_case(shared_data):
     """A crop around the atrium of a validation case (on CPUs without bf16 units PyTorch emulates it: slow, so
     a crop); the same agreement the card's flag rests on (Testing/Benchmarks/benchmark_precision.py)."""

@@ -125,6 +125,7 @@ def test_nt_xent_is_not_zero_with_distinct_samples_and_gives_gradients():
     ("basicunet", {"features": [8, 8, 16, 32, 64, 8], "dropout": 0.1}, 8),
     ("swinunetr", {"feature_size": 12, "dropout_path_rate": 0.1}, 16),
 ])
+@pytest.mark.slow
 def test_pretext_model_shapes_and_exported_state(architecture, args, patch):
     torch.manual_seed(0)
     model = HybridMIMModel(architecture, args, patch_size=patch)

@@ -79,6 +79,7 @@ def test_crops_depend_on_seed_rank_and_step_only(volumes, tmp_path):
     assert all(torch.equal(batch, first[i]) for i, batch in enumerate(loader))
 
 
+@pytest.mark.slow
 def test_loss_falls_on_real_volumes_and_export_has_no_head(volumes, tmp_path):
     config = tiny_config(volumes, 30)
     config["card"]["patch_size"] = [32, 32, 16]
@@ -102,6 +103,7 @@ def test_loss_falls_on_real_volumes_and_export_has_no_head(volumes, tmp_path):
         load_model(folder)
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_reproduces_the_uninterrupted_weights(volumes, tmp_path):
     config = tiny_config(volumes, 8)
     straight = pretrain(config, tmp_path / "straight", device="cpu")
@@ -118,6 +120,7 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_weights(volumes,
     assert round(total) <= ModelCard.load(resumed).training["time_seconds"] <= round(total) + 1
 
 
+@pytest.mark.slow
 def test_two_processes_with_torchrun_train_and_save(volumes, tmp_path):
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(tiny_config(volumes, 4)), encoding="utf-8")

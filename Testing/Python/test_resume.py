@@ -1,5 +1,5 @@
 """Training resumes exactly: a run interrupted after a checkpoint and resumed ends with the same weights as an
-uninterrupted one (supervised and Mean Teacher: optimiser, EMA teacher, samplers and every random state)."""
+uninterrupted one, for every fine-tuning method (optimiser, EMA teacher, samplers and every random state)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from conftest import BUNDLED_MODEL, SAMPLE_IMAGE, SAMPLE_LABEL
 from hybridmim.cases import load_case
 from hybridmim.errors import Cancelled, HybridMIMError
+from hybridmim.methods import METHODS
 from hybridmim.model_card import ModelCard
 from hybridmim.networks import build_network
 from hybridmim.progress import CancelToken
@@ -33,7 +34,8 @@ def train(card, cases, settings, checkpoint=None, stop_after=None):
     return network.state_dict(), steps
 
 
-@pytest.mark.parametrize("method", ["supervised", "mean-teacher"])
+@pytest.mark.parametrize("method", METHODS)  # every registered method
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, method):
     card = ModelCard.load(BUNDLED_MODEL)
     cases = ([load_case(card, SAMPLE_IMAGE, SAMPLE_LABEL)],

@@ -55,6 +55,7 @@ def bundled_segmentation_models():
 
 
 @pytest.mark.parametrize("model", bundled_segmentation_models(), ids=lambda m: m.card.id)
+@pytest.mark.slow
 def test_every_bundled_model_reaches_its_card_dice_on_held_out_cases(model, shared_data):
     """Checksum, load, and eight of the validation cases named in the card (never trained on), found by name in
     ../shared/data, through the full read -> segment path."""

@@ -12,6 +12,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from conftest import BUNDLED_MODEL, REPO, SAMPLE_IMAGE, SAMPLE_LABEL
 from hybridmim.model_card import CARD_FILE
 from hybridmim.model_store import (
@@ -25,6 +27,7 @@ from hybridmim.model_store import (
 from hybridmim.staging import STALE_STAGING_SECONDS
 
 
+@pytest.mark.slow
 def test_two_fine_tunes_at_once_get_their_own_versions():
     env = {**os.environ, "PYTHONPATH": str(REPO / "HybridMIMSegment"), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "hybridmim.cli", "finetune", "--labeled", f"{SAMPLE_IMAGE}:{SAMPLE_LABEL}",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -89,6 +90,7 @@ def test_volume_smaller_than_patch_lands_at_random_places(shared_data):
     assert len(offsets) > 10
 
 
+@pytest.mark.slow
 def test_supervised_training_writes_loadable_model_with_card(shared_data, tmp_path):
     config = json.loads((REPO / "training" / "configs" / "hippocampus_cnn.json").read_text(encoding="utf-8"))
     config["card"]["architecture"]["args"] = {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}

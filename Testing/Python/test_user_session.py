@@ -64,6 +64,7 @@ def correct(segmentation_node, volume_node, card: ModelCard) -> np.ndarray:
     return values
 
 
+@pytest.mark.slow
 def test_segment_correct_fine_tune_segment_never_loses_a_correction(scene):
     volume = transformed_volume(scene)
     first = segment(volume, MODEL, device="cpu")
@@ -153,6 +154,7 @@ def test_a_segmentation_drawn_by_the_user_is_not_overwritten(scene):
     assert_left_alone(volume, drawn, "not made by Segment")
 
 
+@pytest.mark.slow
 def test_a_segmentation_checked_while_segment_runs_is_not_written_into(scene):
     from HybridMIMSegmentLib.segmenting import mark_corrected
 

@@ -101,6 +101,7 @@ def test_cancel_stops_a_fine_tune_and_leaves_no_files():
     assert not folder.exists() or not list(folder.iterdir())  # no version, not even a staging folder
 
 
+@pytest.mark.slow
 def test_sigterm_unwinds_the_cli_with_a_cancelled_record(tmp_path):
     """What Cancel sends: the CLI reports it, exits 130 and writes nothing."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "HybridMIMSegment")}
@@ -129,7 +130,19 @@ def test_repeated_list_options_add_up(option):
     assert len(getattr(args, option[2:])) == 3
 
 
+def test_method_choices_of_the_command_line_are_the_registry():
+    from hybridmim.cli import build_parser
+    from hybridmim.methods import AUTOMATIC, METHODS
+
+    pair = f"{SAMPLE_IMAGE}:{SAMPLE_LABEL}"
+    for method in (AUTOMATIC, *METHODS):
+        assert build_parser().parse_args(["finetune", "--labeled", pair, "--method", method]).method == method
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["finetune", "--labeled", pair, "--method", "fixmatch"])
+
+
 @pytest.mark.skipif(os.name != "posix", reason="process groups are POSIX")
+@pytest.mark.slow
 def test_cancel_reaches_the_interpreter_behind_a_launcher(tmp_path):
     """PythonSlicer is a launcher that starts the real interpreter as a child and dies on SIGTERM at once: Cancel
     must still stop the child, and the run counts as ended only when no process of it is left."""
@@ -159,6 +172,7 @@ def test_cancel_reaches_the_interpreter_behind_a_launcher(tmp_path):
 
 
 @pytest.mark.parametrize("discards", [True, False], ids=["segment-like", "fine-tune-like"])
+@pytest.mark.slow
 def test_a_run_that_completed_before_the_cancel(discards):
     """A segmentation not yet in the scene is dropped; a fine-tune's model, already written and active, is
     reported rather than hidden."""
@@ -175,6 +189,7 @@ def test_a_run_that_completed_before_the_cancel(discards):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="the parent watch is POSIX")
+@pytest.mark.slow
 def test_the_worker_stops_when_the_application_is_gone(tmp_path):
     """A crashed or killed Slicer leaves no fine-tune running on to write a model."""
     application = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(4)"])
