@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hybridmim.errors import HybridMIMError
-from hybridmim.trainer import TrainSettings
+from hybridmim.settings import TrainSettings
 
 SUPERVISED_SECTIONS = {"card", "training"}
 PRETRAINING_SECTIONS = {"card", "pretraining", "data"}

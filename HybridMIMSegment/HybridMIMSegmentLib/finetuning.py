@@ -19,9 +19,9 @@ import SimpleITK as sitk
 
 from hybridmim.errors import HybridMIMError
 from hybridmim.finetune_plan import target_card
-from hybridmim.methods import check_budget, default_budget, resolve_method
 from hybridmim.model_card import ModelCard
 from hybridmim.model_store import DEFAULT_MODEL, resolve_model
+from hybridmim.settings import TrainSettings, settings_from
 
 from .mrml_bridge import (
     image_from_volume_node,
@@ -207,22 +207,13 @@ def gather_inputs(labeled: Sequence[Any], unlabeled_volumes: Sequence[Any], card
 # The run
 
 
-@dataclass(frozen=True)
-class FineTuneChoice:
-    """The method and budget of a run, resolved and checked on the main thread (torch-free) so that a bad choice
-    is reported before a worker starts."""
-
-    method: str
-    steps: int | None
-    minutes: float | None
-
-
 def fine_tune_settings(method: str | None = None, minutes: float | None = None, steps: int | None = None,
-                       labeled: int = 1, unlabeled: int = 0) -> FineTuneChoice:
-    """No method (or 'auto') means the engine's default for these counts; no budget its default budget."""
-    steps, minutes = default_budget(steps, minutes)
-    check_budget(steps, minutes)
-    return FineTuneChoice(resolve_method(method, labeled, unlabeled), steps, minutes)
+                       labeled: int = 1, unlabeled: int = 0) -> TrainSettings:
+    """The engine's settings for this choice (no method or 'auto': its default for these counts; no budget: its
+    default budget), checked on the main thread so that a bad choice is reported before a worker starts."""
+    settings = settings_from(method, steps, minutes, labeled=labeled, unlabeled=unlabeled)
+    settings.check(unlabeled)
+    return settings
 
 
 def describe_new_model(inputs: FineTuneInputs, card: ModelCard) -> str:
@@ -286,7 +277,7 @@ class FineTuneTask(WorkerTask):
 
     cancel_discards_result = False
 
-    def __init__(self, inputs: FineTuneInputs, model: str | Path, choice: FineTuneChoice, device: str = "auto",
+    def __init__(self, inputs: FineTuneInputs, model: str | Path, choice: TrainSettings, device: str = "auto",
                  model_id: str | None = None, seed: int = 0) -> None:
         self.inputs, self.model, self.choice = inputs, Path(model), choice
         self.device, self.model_id, self.seed = device, model_id, seed

@@ -83,7 +83,9 @@ def image_label_pair(value: str) -> tuple[str, str]:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from .finetune import fine_tune, settings_from
+    from .finetune import run_fine_tune
+    from .finetune_plan import plan_fine_tune
+    from .settings import settings_from
     from .trainer import Checkpoint
 
     if args.resume and not args.checkpoint_dir:
@@ -92,6 +94,7 @@ def _finetune(args: argparse.Namespace) -> int:
     rate = {} if args.learning_rate is None else {"learning_rate": args.learning_rate}
     settings = settings_from(args.method, args.steps, args.minutes, args.seed, len(args.labeled),
                              len(args.unlabeled), **rate)
+    plan = plan_fine_tune(args.model, len(args.labeled), len(args.unlabeled), settings, args.labels, args.id)
     say = _say(args)
     say(f"Using {len(args.labeled)} labelled, {len(args.unlabeled)} unlabelled and {len(args.validation)} "
         f"validation volumes; method {settings.method}")
@@ -116,9 +119,9 @@ def _finetune(args: argparse.Namespace) -> int:
 
         checkpoint = Checkpoint(Path(args.checkpoint_dir) / "checkpoint.pt", resume=args.resume) \
             if args.checkpoint_dir else None
-        folder = fine_tune(args.model, args.labeled, args.unlabeled, settings, validation=args.validation,
-                           label_names=args.labels, model_id=args.id, device=args.device, progress=progress,
-                           status=status, checkpoint=checkpoint, before_saving=_ignore_termination)
+        folder = run_fine_tune(plan, args.labeled, args.unlabeled, validation=args.validation, device=args.device,
+                               progress=progress, status=status, checkpoint=checkpoint,
+                               before_saving=_ignore_termination)
     from .model_card import ModelCard
 
     card = ModelCard.load(folder)

@@ -18,15 +18,15 @@ import torch
 from .cases import ImageSource, LabeledVolume, load_case, source_name
 from .errors import HybridMIMError
 from .evaluation import evaluate
-from .finetune_plan import target_card
+from .finetune_plan import FineTunePlan, plan_fine_tune
 from .inference import Segmenter, select_device
-from .methods import AUTOMATIC, MAX_LABELED, default_budget, default_method
-from .model_card import WEIGHTS_FILE
+from .model_card import WEIGHTS_FILE, ModelCard
 from .model_store import LoadedModel, check_user_models_dir, load_matching, read_weights, save_new_version
 from .networks import build_network, output_layer_names
 from .postprocessing import single_piece_labels
 from .progress import CancelToken
-from .trainer import Checkpoint, TrainProgress, TrainSettings, train_network
+from .settings import TrainSettings
+from .trainer import Checkpoint, TrainProgress, train_network
 
 logger = logging.getLogger(__name__)
 
@@ -37,22 +37,34 @@ def fine_tune(model: str | Path, labeled: Sequence[tuple[ImageSource, ImageSourc
               progress: Callable[[TrainProgress], None] | None = None, cancel: CancelToken | None = None,
               status: Callable[[str], None] = logger.info, checkpoint: Checkpoint | None = None,
               before_saving: Callable[[], None] | None = None) -> Path:
-    """Fine-tune ``model`` (id or folder) on ``labeled`` (image, label map) pairs and ``unlabeled`` images.
+    """Fine-tune ``model`` (id or folder) on ``labeled`` (image, label map) pairs and ``unlabeled`` images: the
+    plan (``plan_fine_tune``), then the run (``run_fine_tune``). Returns the new model folder (already the active
+    version of its id)."""
+    plan = plan_fine_tune(model, len(labeled), len(unlabeled), settings, label_names, model_id)
+    return run_fine_tune(plan, labeled, unlabeled, validation=validation, device=device, progress=progress,
+                         cancel=cancel, status=status, checkpoint=checkpoint, before_saving=before_saving)
 
-    Label maps use 0 for background and the model's label values (or 1..N for ``label_names``, a new label set).
-    ``validation`` pairs are never trained on; their Dice is reported during training and written to the card.
-    ``checkpoint``: where training keeps its state, to resume an interrupted run (same inputs and settings).
-    ``before_saving`` is called once training and evaluation are done, before the model is written and made
-    active (the command line tool stops honouring SIGTERM there, so the two are never left half-done).
-    Returns the new model folder (already the active version of its id).
+
+def run_fine_tune(plan: FineTunePlan, labeled: Sequence[tuple[ImageSource, ImageSource]],
+                  unlabeled: Sequence[ImageSource] = (), *, validation: Sequence[tuple[ImageSource, ImageSource]] = (),
+                  device: str = "auto", progress: Callable[[TrainProgress], None] | None = None,
+                  cancel: CancelToken | None = None, status: Callable[[str], None] = logger.info,
+                  checkpoint: Checkpoint | None = None, before_saving: Callable[[], None] | None = None) -> Path:
+    """Carry out ``plan`` on these volumes (as many as it was made for).
+
+    Label maps use 0 for background and the model's label values (or 1..N for a new label set). ``validation``
+    pairs are never trained on; their Dice is reported during training and written to the card. ``checkpoint``:
+    where training keeps its state, to resume an interrupted run (same inputs and settings). ``before_saving`` is
+    called once training and evaluation are done, before the model is written and made active (the command line
+    tool stops honouring SIGTERM there, so the two are never left half-done). Returns the new model folder.
     """
-    settings = settings or settings_from(labeled=len(labeled), unlabeled=len(unlabeled))
-    settings.check(len(unlabeled))
-    if not 1 <= len(labeled) <= MAX_LABELED:
-        raise HybridMIMError(f"Fine-tuning needs 1 to {MAX_LABELED} labelled volumes, not {len(labeled)}")
-    parent_folder, parent, state = read_weights(model)
-    card, remake_head = target_card(parent, label_names, model_id)
+    if (len(labeled), len(unlabeled)) != (plan.labeled, plan.unlabeled):
+        raise HybridMIMError(f"The plan was made for {plan.labeled} labelled and {plan.unlabeled} unlabelled "
+                             f"volumes, not {len(labeled)} and {len(unlabeled)}")
     check_user_models_dir()
+    parent_folder, parent, state = read_weights(plan.parent_folder)
+    card = ModelCard.from_dict(plan.card.to_dict(), source=f"the fine-tuned model '{plan.card.id}'")  # a copy
+    remake_head, settings = plan.remake_head, plan.settings
     target = select_device(device)
 
     status(f"Loading {len(labeled)} labelled, {len(unlabeled)} unlabelled volumes")
@@ -116,13 +128,3 @@ def fine_tune(model: str | Path, labeled: Sequence[tuple[ImageSource, ImageSourc
     folder = save_new_version(network.cpu(), card, parent.version if card.id == parent.id else "1.0.0")
     status(f"New model version {card.id} {card.version} written to {folder}")
     return folder
-
-
-def settings_from(method: str | None = None, steps: int | None = None, minutes: float | None = None,
-                  seed: int = 0, labeled: int = 1, unlabeled: int = 0, **overrides) -> TrainSettings:
-    """Fine-tuning settings: the defaults, a method (None or 'auto': ``default_method`` for these counts) and a
-    budget (``DEFAULT_MINUTES`` or ``DEFAULT_STEPS``, whichever comes first, when neither is given)."""
-    if method in (None, AUTOMATIC):
-        method = default_method(labeled, unlabeled)
-    steps, minutes = default_budget(steps, minutes)
-    return TrainSettings(method=method, steps=steps, minutes=minutes, seed=seed, **overrides)

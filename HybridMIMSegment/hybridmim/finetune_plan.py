@@ -1,17 +1,54 @@
-"""What a fine-tune will make, decided before any training: the new version's card (id, name, labels) and
-whether the output layer is re-made. Torch-free, so the Slicer module can ask the user about it in its own
-process (which never imports torch)."""
+"""A fine-tune's plan, decided once before any training: the starting model (resolved), the new version's card
+(id, name, labels), whether the output layer is re-made, and the checked settings (method, budget). Torch-free,
+so the Slicer module can show and check it in its own process (which never imports torch)."""
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import HybridMIMError
+from .methods import MAX_LABELED
 from .model_card import ID_PATTERN, MAX_LABELS, Label, ModelCard
+from .model_store import resolve_model
+from .settings import TrainSettings, settings_from
 
 PALETTE = [(0.90, 0.35, 0.30), (0.30, 0.60, 0.90), (0.40, 0.80, 0.40), (0.95, 0.80, 0.30), (0.70, 0.45, 0.85),
            (0.30, 0.80, 0.80), (0.95, 0.55, 0.75), (0.60, 0.60, 0.60)]
+
+
+@dataclass(frozen=True)
+class FineTunePlan:
+    parent_folder: Path  # the starting model's folder (an id resolved to its active version)
+    parent: ModelCard
+    card: ModelCard  # the new version's card, before training facts are filled in
+    remake_head: bool  # a new label set (or a pre-trained-only start) gets a new output layer
+    settings: TrainSettings  # checked for these volume counts
+    labeled: int
+    unlabeled: int
+
+    def summary(self) -> str:
+        return (f"{self.labeled} labelled and {self.unlabeled} unlabelled volumes, method {self.settings.method}, "
+                f"from {self.parent.id} {self.parent.version} to a new version of '{self.card.id}'"
+                + (" with a new output layer" if self.remake_head else ""))
+
+
+def plan_fine_tune(model: str | os.PathLike, labeled: int, unlabeled: int = 0, settings: TrainSettings | None = None,
+                   label_names: Sequence[str] | None = None, model_id: str | None = None) -> FineTunePlan:
+    """The plan for fine-tuning ``model`` (id or folder) on ``labeled`` corrected and ``unlabeled`` volumes, or
+    one error for any bad choice (counts, method, budget, label names, id). ``settings`` None: the defaults for
+    these counts (``settings_from``)."""
+    if not 1 <= labeled <= MAX_LABELED:
+        raise HybridMIMError(f"Fine-tuning needs 1 to {MAX_LABELED} labelled volumes, not {labeled}")
+    settings = settings or settings_from(labeled=labeled, unlabeled=unlabeled)
+    settings.check(unlabeled)
+    folder = resolve_model(model)
+    parent = ModelCard.load(folder)
+    card, remake_head = target_card(parent, label_names, model_id)
+    return FineTunePlan(folder, parent, card, remake_head, settings, labeled, unlabeled)
 
 
 def target_card(parent: ModelCard, label_names: Sequence[str] | None, model_id: str | None) -> tuple[ModelCard, bool]:

@@ -17,7 +17,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,55 +28,16 @@ from monai.inferers import sliding_window_inference
 from .cases import Case
 from .errors import HybridMIMError
 from .inference import DEFAULT_BLEND, DEFAULT_OVERLAP, DEFAULT_WINDOW_BATCH
-from .methods import DEFAULT_LEARNING_RATE, StepBatch, check_budget, check_method, get_method
+from .methods import StepBatch, get_method
 from .methods.supervised import supervised_loss
 from .metrics import dice_per_label
 from .precision import training_autocast, training_precision
 from .progress import CancelToken
 from .sampling import PatchSampler
 from .semisupervised import ema_update, pseudo_labels
+from .settings import TrainSettings
 
 logger = logging.getLogger(__name__)
-
-@dataclass
-class TrainSettings:
-    """Everything that decides a training run. ``steps`` and ``minutes`` are budgets: the first reached ends it
-    (at least one must be set)."""
-
-    method: str = "supervised"
-    steps: int | None = None
-    minutes: float | None = None
-    batch_size: int = 2
-    unlabeled_batch_size: int = 2
-    learning_rate: float = DEFAULT_LEARNING_RATE
-    weight_decay: float = 1e-5
-    warmup_steps: int = 20
-    seed: int = 0
-    # semi-supervised
-    supervised_fraction: float = 0.2
-    ema_decay: float = 0.99
-    confidence: float = 0.8
-    unlabeled_weight: float = 1.0
-    paste_fraction: float = 2 / 3
-    # augmentation (see PatchSampler)
-    flip_axes: list[int] = field(default_factory=list)
-    foreground_probability: float = 0.33
-    intensity_jitter: float = 0.1
-    rotation_degrees: float = 0.0
-    scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])
-    spatial_probability: float = 0.0
-    gamma_probability: float = 0.0
-    noise_probability: float = 0.0
-    validate_every: int = 0  # steps between validations on the model grid (0: about ten times per run)
-
-    def check(self, unlabeled: int) -> None:
-        check_method(self.method, unlabeled)
-        check_budget(self.steps, self.minutes)
-        if not 0 < self.learning_rate < math.inf:
-            raise HybridMIMError(f"The learning rate must be positive and finite, not {self.learning_rate}")
-        if not 0 <= self.seed < 2**32:
-            raise HybridMIMError(f"The seed must be a whole number from 0 to {2**32 - 1}, not {self.seed}")
-
 
 @dataclass
 class Checkpoint:

@@ -129,8 +129,9 @@ def start_model(run: dict, output: Path) -> tuple[str, list[str] | None]:
 def execute(run: dict, data: Path, output: Path, validation: list[str]) -> dict:
     from hybridmim.cases import LabeledVolume
     from hybridmim.evaluation import evaluate
-    from hybridmim.finetune import fine_tune, settings_from
+    from hybridmim.finetune import fine_tune
     from hybridmim.inference import Segmenter
+    from hybridmim.settings import settings_from
 
     def volume(case: str) -> LabeledVolume:
         return LabeledVolume(case, data / "imagesTr" / f"{case}.nii.gz", data / "labelsTr" / f"{case}.nii.gz")

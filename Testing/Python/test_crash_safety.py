@@ -12,8 +12,9 @@ import time
 import pytest
 
 from conftest import REPO, SAMPLE_IMAGE, SAMPLE_LABEL
-from hybridmim.finetune import fine_tune, settings_from
+from hybridmim.finetune import fine_tune
 from hybridmim.model_store import active_versions, list_models, model_versions, resolve_model, user_models_dir
+from hybridmim.settings import settings_from
 
 # Runs ``hybridmim finetune`` after arming one crash point (an environment variable picks it).
 CRASHING_FINETUNE = """

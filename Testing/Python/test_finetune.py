@@ -14,7 +14,7 @@ import torch
 from conftest import BUNDLED_MODEL, SAMPLE_IMAGE, SAMPLE_LABEL
 from hybridmim.cli import main
 from hybridmim.errors import Cancelled, HybridMIMError
-from hybridmim.finetune import fine_tune, settings_from
+from hybridmim.finetune import fine_tune
 from hybridmim.inference import Segmenter
 from hybridmim.metrics import dice_per_label
 from hybridmim.model_store import (
@@ -26,7 +26,7 @@ from hybridmim.model_store import (
     user_models_dir,
 )
 from hybridmim.semisupervised import copy_paste, ema_update, pseudo_labels, weighted_dice_ce
-from hybridmim.trainer import TrainSettings
+from hybridmim.settings import TrainSettings, settings_from
 
 
 def la_case(shared_data: Path, index: int) -> tuple[Path, Path]:
@@ -246,3 +246,29 @@ def test_minutes_budget_stops_on_time():
     seconds, steps = training["time_seconds"], training["steps"]
     assert steps >= 2 and seconds >= 5.9
     assert seconds - 6 < max(2.0, 5 * seconds / steps)  # a few steps: generous for a shared CPU
+
+
+def test_the_plan_is_made_once_without_torch_and_says_what_will_be_made():
+    """The Slicer module's process never imports torch: the plan (model, new card, settings) is made there."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = ("import sys; from hybridmim.finetune_plan import plan_fine_tune; "
+            "p = plan_fine_tune('hippocampus-cnn', 1, 1, label_names=['whole hippocampus']); "
+            "print(p.card.id, p.remake_head, p.settings.method, p.settings.steps, 'torch' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "HybridMIMSegment")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.split() == ["hippocampus-cnn-whole-hippocampus", "True", "bcp", "3000", "False"]
+
+
+def test_a_run_refuses_volumes_its_plan_was_not_made_for():
+    from hybridmim.finetune import run_fine_tune
+    from hybridmim.finetune_plan import plan_fine_tune
+
+    plan = plan_fine_tune("hippocampus-cnn", 1, 0, settings_from("supervised", steps=1))
+    with pytest.raises(HybridMIMError, match="plan was made for 1 labelled and 0 unlabelled"):
+        run_fine_tune(plan, [(SAMPLE_IMAGE, SAMPLE_LABEL)] * 2, device="cpu")
+    assert not user_models_dir().exists() or not any(user_models_dir().iterdir())

@@ -15,10 +15,11 @@ from safetensors.torch import load_file
 
 from conftest import REPO, SAMPLE_IMAGE, SAMPLE_LABEL
 from hybridmim.errors import HybridMIMError, ModelCardError
-from hybridmim.finetune import fine_tune, settings_from
+from hybridmim.finetune import fine_tune
 from hybridmim.model_card import ModelCard
 from hybridmim.model_store import load_model, read_weights
 from hybridmim.preprocessing import normalize_intensity
+from hybridmim.settings import settings_from
 from hybridmim_training.pretraining.data import StepCrops, cached_volume, intensity_of, sources_from_folder
 from hybridmim_training.pretraining.pretrain import pretrain
 

@@ -13,7 +13,8 @@ from hybridmim.methods import METHODS
 from hybridmim.model_card import ModelCard
 from hybridmim.networks import build_network
 from hybridmim.progress import CancelToken
-from hybridmim.trainer import Checkpoint, TrainSettings, train_network
+from hybridmim.settings import TrainSettings
+from hybridmim.trainer import Checkpoint, train_network
 
 
 def train(card, cases, settings, checkpoint=None, stop_after=None):

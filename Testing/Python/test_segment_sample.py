@@ -83,9 +83,10 @@ def test_every_bundled_pretrained_model_loads_and_fine_tunes_on_a_real_case(mode
     """A pre-trained-only model: checksum verified, every encoder and decoder weight used, segmenting refused with
     a clear message, and a few fine-tuning steps on the sample give a model that segments it."""
     from hybridmim.errors import HybridMIMError
-    from hybridmim.finetune import fine_tune, settings_from
+    from hybridmim.finetune import fine_tune
     from hybridmim.model_store import initialise_from, read_weights
     from hybridmim.networks import build_network
+    from hybridmim.settings import settings_from
 
     _, card, _ = read_weights(model.path)  # verifies the sha256
     assert card.labels == [] and card.training["steps"] > 0 and card.training["volumes"] > 0

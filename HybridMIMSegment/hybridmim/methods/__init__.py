@@ -87,15 +87,6 @@ def default_budget(steps: int | None, minutes: float | None) -> tuple[int | None
     return steps, minutes
 
 
-def resolve_method(method: str | None, labeled: int, unlabeled: int) -> str:
-    """The method a run uses: None or 'auto' pick ``default_method``; an unknown method, or a semi-supervised one
-    without unlabelled volumes, is an error."""
-    if method in (None, AUTOMATIC):
-        method = default_method(labeled, unlabeled)
-    check_method(method, unlabeled)
-    return method
-
-
 def check_method(method: str, unlabeled: int) -> None:
     if get_method(method).needs_unlabeled and unlabeled == 0:
         raise HybridMIMError(f"Method '{method}' needs unlabelled volumes; give some or use 'supervised'")
