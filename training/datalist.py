@@ -5,26 +5,17 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+
+from hybridmim.cases import LabeledVolume, source_name
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class CasePaths:
-    name: str
-    image: Path
-    label: Path | None
-
-
-def case_name(path: str | Path) -> str:
-    return Path(path).name.split(".")[0]
-
-
-def read_datalist(dataset_json: str | Path, key: str = "training") -> list[CasePaths]:
-    """Cases of ``key`` with paths resolved against the JSON file's folder."""
+def read_datalist(dataset_json: str | Path, key: str = "training") -> list[LabeledVolume]:
+    """Cases of ``key`` (the engine's LabeledVolume, as a user's volumes) with paths resolved against the JSON
+    file's folder."""
     dataset_json = Path(dataset_json)
     root = dataset_json.parent
     entries = json.loads(dataset_json.read_text(encoding="utf-8"))[key]
@@ -32,7 +23,7 @@ def read_datalist(dataset_json: str | Path, key: str = "training") -> list[CaseP
     for entry in entries:
         image = entry["image"] if isinstance(entry, dict) else entry
         label = entry.get("label") if isinstance(entry, dict) else None
-        cases.append(CasePaths(case_name(image), root / image, root / label if label else None))
+        cases.append(LabeledVolume(source_name(image, str(image)), root / image, root / label if label else None))
     return cases
 
 
@@ -44,5 +35,5 @@ def seeded_split(items: list[T], key: Callable[[T], str], validation_fraction: f
     return sorted(ordered[count:], key=key), sorted(ordered[:count], key=key)
 
 
-def split_cases(cases: list[CasePaths], validation_fraction: float, seed: int) -> tuple[list, list]:
+def split_cases(cases: list[LabeledVolume], validation_fraction: float, seed: int) -> tuple[list, list]:
     return seeded_split(cases, lambda c: c.name, validation_fraction, seed)
