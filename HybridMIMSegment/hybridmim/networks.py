@@ -1,7 +1,8 @@
-"""Network registry: one name per architecture family, built from a model card's ``architecture`` entry.
+"""Network registry: one name per architecture, built from a model card's ``architecture`` entry.
 
 Both backbone families sit behind the same call, ``build_network(name, in_channels, out_channels, **args)``,
-so the engine, the CLI and the training package never special-case an architecture.
+so the engine, the CLI and the training package never special-case an architecture. A network that HybridMIM
+pre-training can use is registered with its ``parts``: how to run its encoder and its decoder separately.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
+import torch
 import torch.nn as nn
 
 from .errors import ModelCardError
@@ -20,16 +22,50 @@ from .errors import ModelCardError
 NetworkBuilder = Callable[..., nn.Module]
 
 _REGISTRY: dict[str, tuple[str, NetworkBuilder]] = {}
+_PARTS: dict[str, type[NetworkParts]] = {}
 
 
-def register_network(name: str, family: str) -> Callable[[NetworkBuilder], NetworkBuilder]:
-    """Decorator adding a builder ``(in_channels, out_channels, **args) -> nn.Module`` under ``name``."""
+class NetworkParts:
+    """A built network run as encoder and decoder separately. ``encode`` gives the features the decoder uses,
+    feature ``i`` at stride ``2**i`` (the last is the bottleneck); ``decode`` takes them, possibly all cropped to
+    one region, and returns the output layer's result for that region. ``head``: the output layer's name."""
+
+    head: str
+    bottleneck_stride: int
+
+    def __init__(self, network: nn.Module) -> None:
+        self.net: Any = network
+
+    def bottleneck_channels(self) -> int:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def decode(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def register_network(name: str, family: str, parts: type[NetworkParts] | None = None
+                     ) -> Callable[[NetworkBuilder], NetworkBuilder]:
+    """Decorator adding a builder ``(in_channels, out_channels, **args) -> nn.Module`` under ``name``, with its
+    encoder/decoder ``parts`` when it has them."""
 
     def add(builder: NetworkBuilder) -> NetworkBuilder:
         _REGISTRY[name] = (family, builder)
+        if parts is not None:
+            _PARTS[name] = parts
         return builder
 
     return add
+
+
+def network_parts(name: str, network: nn.Module) -> NetworkParts:
+    """``network`` (built as ``name``) as encoder and decoder, or an error naming the networks that have parts."""
+    if name not in _PARTS:
+        raise ModelCardError(f"Network '{name}' cannot be run as encoder and decoder (HybridMIM pre-training); "
+                             f"these can: {', '.join(sorted(_PARTS))}")
+    return _PARTS[name](network)
 
 
 def network_names() -> list[str]:
@@ -63,7 +99,31 @@ def _unet(in_channels: int, out_channels: int, **args: Any) -> nn.Module:
     return UNet(in_channels=in_channels, out_channels=out_channels, **args)
 
 
-@register_network("basicunet", family="cnn")
+class BasicUNetParts(NetworkParts):
+    """MONAI BasicUNet: 4 down-sampling steps; bottleneck at stride 16 (6^3 at 96^3)."""
+
+    head = "final_conv"
+    bottleneck_stride = 16
+
+    def bottleneck_channels(self) -> int:
+        return int(self.net.down_4.convs.conv_1.conv.out_channels)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x0 = self.net.conv_0(x)
+        x1 = self.net.down_1(x0)
+        x2 = self.net.down_2(x1)
+        x3 = self.net.down_3(x2)
+        return [x0, x1, x2, x3, self.net.down_4(x3)]
+
+    def decode(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        x0, x1, x2, x3, x4 = features
+        u4 = self.net.upcat_4(x4, x3)
+        u3 = self.net.upcat_3(u4, x2)
+        u2 = self.net.upcat_2(u3, x1)
+        return self.net.final_conv(self.net.upcat_1(u2, x0))
+
+
+@register_network("basicunet", family="cnn", parts=BasicUNetParts)
 def _basicunet(in_channels: int, out_channels: int, **args: Any) -> nn.Module:
     from monai.networks.nets import BasicUNet
 
@@ -79,7 +139,30 @@ def _segresnet(in_channels: int, out_channels: int, **args: Any) -> nn.Module:
     return SegResNet(in_channels=in_channels, out_channels=out_channels, **args)
 
 
-@register_network("swinunetr", family="transformer")
+class SwinUNETRParts(NetworkParts):
+    """MONAI SwinUNETR: Swin encoder to stride 32 (3^3 tokens at 96^3) plus convolutional skip encoders."""
+
+    head = "out"
+    bottleneck_stride = 32
+
+    def bottleneck_channels(self) -> int:
+        return int(self.net.encoder10.layer.conv1.conv.out_channels)
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        hidden = self.net.swinViT(x, self.net.normalize)
+        return [self.net.encoder1(x), self.net.encoder2(hidden[0]), self.net.encoder3(hidden[1]),
+                self.net.encoder4(hidden[2]), hidden[3], self.net.encoder10(hidden[4])]
+
+    def decode(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        enc0, enc1, enc2, enc3, hid3, dec4 = features
+        dec3 = self.net.decoder5(dec4, hid3)
+        dec2 = self.net.decoder4(dec3, enc3)
+        dec1 = self.net.decoder3(dec2, enc2)
+        dec0 = self.net.decoder2(dec1, enc1)
+        return self.net.out(self.net.decoder1(dec0, enc0))
+
+
+@register_network("swinunetr", family="transformer", parts=SwinUNETRParts)
 def _swinunetr(in_channels: int, out_channels: int, **args: Any) -> nn.Module:
     try:
         import einops  # noqa: F401  (MONAI's SwinUNETR needs it but does not install it)

@@ -60,9 +60,9 @@ def partial_reconstruction_step(module, optimizer, crops, device, generator) -> 
                       module.patch_size).to(device)
     crops = crops.to(device)
     corner = random_corner(generator)
-    features = module.adapter.encode(apply_mask(crops, mask))
+    features = module.parts.encode(apply_mask(crops, mask))
     region = (..., *region_slices(corner, module.subvolume))
-    loss = masked_reconstruction_loss(module.adapter.decode_region(features, corner, module.subvolume),
+    loss = masked_reconstruction_loss(module.decode_region(features, corner),
                                       crops[region], mask[region])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

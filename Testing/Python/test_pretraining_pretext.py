@@ -137,7 +137,7 @@ def test_pretext_model_shapes_and_exported_state(architecture, args, patch):
     assert out.embedding.shape == (2, 384)
     exported = model.backbone_state_without_head()
     dropped = set(model.backbone.state_dict()) - set(exported)
-    assert dropped and all(k.startswith(model.adapter.head + ".") for k in dropped)
+    assert dropped and all(k.startswith(model.parts.head + ".") for k in dropped)
     assert sum(model.backbone.state_dict()[k].numel() for k in dropped) < 1000  # only the 1-channel output conv
 
 
@@ -155,3 +155,10 @@ def test_region_decoding_equals_the_full_decoder_inside_the_region():
     same_place = (slice(None), slice(None), slice(56, 72), slice(56, 72), slice(24, 40))
     assert torch.allclose(region[centre], full[same_place], atol=1e-4)
     assert not torch.allclose(region[centre], full[centre], atol=1e-2)  # and not some other place
+
+
+def test_a_network_without_encoder_decoder_parts_is_refused_by_name():
+    from hybridmim.errors import ModelCardError
+
+    with pytest.raises(ModelCardError, match="'unet' cannot be run as encoder and decoder.*basicunet, swinunetr"):
+        HybridMIMModel("unet", {"channels": [8, 16], "strides": [2]}, patch_size=8)
