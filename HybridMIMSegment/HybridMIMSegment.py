@@ -681,7 +681,7 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
         """The question to ask before a new label set is trained (which new model id it makes, from what)."""
         from HybridMIMSegmentLib.finetuning import describe_new_model
 
-        return describe_new_model(inputs, HybridMIMSegmentLogic.cardOfFolder(HybridMIMSegmentLogic.resolveModel(model)))
+        return describe_new_model(inputs, model)
 
     @staticmethod
     def modelVersions(modelId: str):

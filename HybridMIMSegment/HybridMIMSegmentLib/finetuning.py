@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from hybridmim.errors import HybridMIMError
-from hybridmim.finetune_plan import target_card
+from hybridmim.finetune_plan import plan_fine_tune
 from hybridmim.model_card import ModelCard
 from hybridmim.model_store import DEFAULT_MODEL, resolve_model
 from hybridmim.settings import TrainSettings, settings_from
@@ -216,13 +216,16 @@ def fine_tune_settings(method: str | None = None, minutes: float | None = None, 
     return settings
 
 
-def describe_new_model(inputs: FineTuneInputs, card: ModelCard) -> str:
-    """What the user is asked to confirm before a new label set is trained (the engine's own naming)."""
-    target, _ = target_card(card, inputs.label_set.label_names, None)
+def describe_new_model(inputs: FineTuneInputs, model: str | Path = DEFAULT_MODEL) -> str:
+    """What the user is asked to confirm before a new label set is trained: the engine's plan for these inputs
+    (its naming, its checks)."""
+    plan = plan_fine_tune(model, len(inputs.labeled), len(inputs.unlabeled),
+                          label_names=inputs.label_set.label_names)
+    parent, target = plan.parent, plan.card
     return (f"The corrected segmentations name {_quoted(inputs.label_set.structures)}, not the labels of "
-            f"'{card.id}' ({_quoted([label.name for label in card.labels])}).\n\nA new model '{target.id}' "
-            f"({target.name}) will be trained with a new output layer, starting from '{card.id}' {card.version}, "
-            "which is left unchanged.")
+            f"'{parent.id}' ({_quoted([label.name for label in parent.labels])}).\n\nA new model '{target.id}' "
+            f"({target.name}) will be trained with a new output layer, starting from '{parent.id}' "
+            f"{parent.version}, which is left unchanged.")
 
 
 @dataclass

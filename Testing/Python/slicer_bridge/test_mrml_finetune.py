@@ -24,6 +24,7 @@ from HybridMIMSegmentLib.finetuning import (  # noqa: E402
     FineTuneTask,
     LogRow,
     decide_label_set,
+    describe_new_model,
     fine_tune_settings,
     gather_inputs,
     progress_message,
@@ -224,6 +225,14 @@ def test_gather_with_other_names_is_a_new_label_set(scene, card):
     assert inputs.label_set.label_names == ["head", "tail"]
     assert any("new model" in note for note in inputs.notes)
     assert np.array_equal(sitk.GetArrayViewFromImage(inputs.labeled[0][1]), label_values(SAMPLE_LABEL))
+
+
+def test_the_question_before_a_new_label_set_is_the_engines_plan(scene, card):
+    volume = load_volume_node(scene, SAMPLE_IMAGE)
+    inputs = gather_inputs([corrected_segmentation(scene, volume, SAMPLE_LABEL, ["head", "tail"])], [], card)
+    question = describe_new_model(inputs, "hippocampus-cnn")
+    assert "name 'head', 'tail', not the labels of 'hippocampus-cnn'" in question
+    assert "A new model 'hippocampus-cnn-head-tail'" in question and "from 'hippocampus-cnn' 2.0.0" in question
 
 
 def test_gather_refuses_mismatching_segmentations(scene, card):
