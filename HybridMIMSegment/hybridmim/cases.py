@@ -20,11 +20,13 @@ ImageSource = sitk.Image | str | os.PathLike
 
 @dataclass
 class LabeledVolume:
-    """An image and its label map (files or SimpleITK images), as given by a user or a datalist."""
+    """A named image and its label map, if any (files or SimpleITK images), as given by a user, a datalist or a
+    pre-training folder. ``modality`` ("CT" or "MRI"), where known, decides how pre-training normalises it."""
 
     name: str
     image: ImageSource
-    label: ImageSource | None
+    label: ImageSource | None = None
+    modality: str | None = None
 
 
 def source_name(source: ImageSource, fallback: str) -> str:

@@ -9,13 +9,13 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from hybridmim.cases import LabeledVolume
 from hybridmim.geometry import model_grid
 from hybridmim.imageio import read_volume
 from hybridmim.model_card import Intensity
@@ -30,32 +30,27 @@ VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 CACHE_VERSION = 2  # 2: resampled before normalisation, by the engine's model_input
 
 
-@dataclass(frozen=True)
-class Source:
-    path: Path
-    modality: str  # "CT" or "MRI"
-
-    @property
-    def name(self) -> str:
-        return str(self.path)
+def volume_file(path: Path, modality: str) -> LabeledVolume:
+    """A pre-training volume: named by its path (unique, and what the seeded split sorts on), no label."""
+    return LabeledVolume(str(path), Path(path), None, modality)
 
 
-def sources_from_datalist(dataset_json: Path, keys: tuple[str, ...] = ("training", "test")) -> list[Source]:
+def sources_from_datalist(dataset_json: Path, keys: tuple[str, ...] = ("training", "test")) -> list[LabeledVolume]:
     """Images of an MSD-style list (labels unused); modality from its "modality" entry."""
     info = json.loads(Path(dataset_json).read_text(encoding="utf-8"))
     modality = "CT" if "CT" in str(info.get("modality", "")).upper() else "MRI"
     sources = []
     for key in keys:
         if key in info:
-            sources += [Source(case.image, modality) for case in read_datalist(dataset_json, key)]
+            sources += [volume_file(Path(case.image), modality) for case in read_datalist(dataset_json, key)]
     return sources
 
 
-def sources_from_folder(folder: Path, modality: str) -> list[Source]:
+def sources_from_folder(folder: Path, modality: str) -> list[LabeledVolume]:
     """Every volume file below ``folder`` (Slicer segmentation files excluded)."""
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)
                    and not p.name.lower().endswith(".seg.nrrd"))
-    return [Source(p, modality.upper()) for p in files]
+    return [volume_file(p, modality.upper()) for p in files]
 
 
 def intensity_of(modality: str) -> Intensity:
@@ -64,23 +59,23 @@ def intensity_of(modality: str) -> Intensity:
     return Intensity("auto" if modality == "CT" else "percentile", list(HU_WINDOW), [0.5, 99.5])
 
 
-def cached_volume(source: Source, spacing: list[float], cache_dir: Path) -> Path:
-    """Canonically oriented, resampled, normalised float16 copy of a source in ``cache_dir`` (made once)."""
-    stat = source.path.stat()
-    key = json.dumps([str(source.path.resolve()), stat.st_size, stat.st_mtime_ns, source.modality, spacing,
-                      CACHE_VERSION])
+def cached_volume(source: LabeledVolume, spacing: list[float], cache_dir: Path) -> Path:
+    """Canonically oriented, resampled, normalised float16 copy of a volume file in ``cache_dir`` (made once)."""
+    file, modality = Path(source.image), source.modality or "MRI"
+    stat = file.stat()
+    key = json.dumps([str(file.resolve()), stat.st_size, stat.st_mtime_ns, modality, spacing, CACHE_VERSION])
     path = Path(cache_dir) / f"{hashlib.sha1(key.encode()).hexdigest()}.npy"
     if path.is_file():
         return path
-    image = read_volume(source.path)
+    image = read_volume(file)
     grid = model_grid(image, spacing)
-    volume = model_input(image, grid, intensity_of(source.modality))[0].astype(np.float16)
+    volume = model_input(image, grid, intensity_of(modality))[0].astype(np.float16)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(suffix=".npy", dir=path.parent)
     with os.fdopen(handle, "wb") as stream:
         np.save(stream, volume)
     os.replace(staging, path)
-    logger.info("cached %s %s -> %s", source.path.name, volume.shape, path.name)
+    logger.info("cached %s %s -> %s", file.name, volume.shape, path.name)
     return path
 
 

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from hybridmim.cases import LabeledVolume
 from hybridmim.model_card import WEIGHTS_FILE, ModelCard
 from hybridmim.model_store import save_model
 from hybridmim.preprocessing import HU_WINDOW
@@ -26,7 +27,7 @@ from hybridmim.trainer import hardware_name, warmup_cosine
 
 from ..config import PretrainConfig, PretrainData, PretrainSettings
 from ..datalist import seeded_split
-from .data import Source, StepCrops, cached_volume, sources_from_datalist, sources_from_folder
+from .data import StepCrops, cached_volume, sources_from_datalist, sources_from_folder
 from .losses import consistency_loss, count_loss, location_loss, masked_reconstruction_loss, nt_xent_loss
 from .masking import apply_mask, random_corner, random_patch_mask, region_slices, subvolume_targets, voxel_mask
 from .pretext import GRID, HybridMIMModel
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 
 
-def collect_sources(data: PretrainData) -> list[Source]:
+def collect_sources(data: PretrainData) -> list[LabeledVolume]:
     sources = [s for path in data.datalists for s in sources_from_datalist(Path(path))]
     sources += [s for path, modality in data.folders for s in sources_from_folder(Path(path), modality)]
     if not sources:
@@ -205,14 +206,14 @@ def _tensorboard(output: Path):
     return SummaryWriter(str(output / "tensorboard"))
 
 
-def export(module: HybridMIMModel, run: PretrainConfig, sources: list[Source], held_out: int, folder: Path,
+def export(module: HybridMIMModel, run: PretrainConfig, sources: list[LabeledVolume], held_out: int, folder: Path,
            seconds: float, output: Path) -> Path:
     """Encoder + decoder as an engine model folder; the pretext heads and the reconstruction output are dropped.
     The config's card gives the id, names, licence and, optionally, the fine-tuning patch (default: the crop) and
     inference settings that fine-tunes inherit; the run fills in the rest."""
     losses = [json.loads(line) for line in (output / "log.jsonl").read_text(encoding="utf-8").splitlines()]
     final = next((entry for entry in reversed(losses) if "total" in entry), {})
-    modalities = sorted({s.modality for s in sources})
+    modalities = sorted({s.modality or "MRI" for s in sources})
     template = run.card
     card = ModelCard.from_dict({
         "version": "1.0.0", "name": template.get("id"), "patch_size": [module.crop_size] * 3,
