@@ -25,8 +25,9 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from hybridmim.methods import AUTOMATIC, DEFAULT_MINUTES, METHOD_LABELS, METHOD_TOOLTIPS
+from hybridmim.methods import AUTOMATIC, METHOD_LABELS, METHOD_TOOLTIPS
 from hybridmim.model_store import DEFAULT_MODEL
+from hybridmim.settings import DEFAULT_MINUTES
 
 MODULE_DIR = Path(__file__).resolve().parent
 DEVICES = ["auto", "cuda", "mps", "cpu"]
@@ -649,9 +650,9 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
 
         ``labeled``: segmentation nodes, each alone (its volume is found from its reference geometry) or as
         ``(segmentationNode, volumeNode)``; from now on Segment never writes into them. ``unlabeledVolumes``:
-        scalar volume nodes. ``validation``: segmentations held out to measure Dice. ``method``: auto (the
-        default: bcp for a single segmentation with unlabelled volumes, else supervised), supervised,
-        mean-teacher or bcp; budget ``minutes`` and/or ``steps`` (default 5 minutes or 3000 steps).
+        scalar volume nodes. ``validation``: segmentations held out to measure Dice. ``method``: a name of
+        ``hybridmim.methods.METHODS`` or auto (the default: ``hybridmim.methods.default_method``); budget
+        ``minutes`` and/or ``steps`` (default: ``hybridmim.settings.default_budget``).
         ``progress(row)`` gets each training step. The scene is read here and not changed.
         """
         from HybridMIMSegmentLib.finetuning import fine_tune

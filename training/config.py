@@ -6,7 +6,7 @@
 ``card`` is the model card the run writes, less what the run measures (weights, metrics). Every other section is
 checked against the settings it configures: an unknown key is an error that names it (and the closest known key),
 so a typo never silently falls back to a default. Each setting's default is defined once, in the dataclass of its
-section (supervised training's steps, learning rate and warm-up differ from fine-tuning's, so they are set here).
+section; supervised training's steps, learning rate and warm-up differ from fine-tuning's: SUPERVISED_DEFAULTS.
 """
 
 from __future__ import annotations
@@ -21,9 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from hybridmim.errors import HybridMIMError
-from hybridmim.settings import TrainSettings
+from hybridmim.settings import CHECKPOINT_EVERY, TrainSettings
 
 SUPERVISED_SECTIONS = {"card", "training"}
+#: Where supervised training from a dataset departs from TrainSettings' defaults (which are fine-tuning's): a
+#: longer budget, a higher peak learning rate and a longer warm-up.
+SUPERVISED_DEFAULTS: dict[str, Any] = {"steps": 2000, "learning_rate": 2e-3, "warmup_steps": 100}
 PRETRAINING_SECTIONS = {"card", "pretraining", "data"}
 
 
@@ -39,7 +42,7 @@ class SupervisedConfig:
     card: dict[str, Any]
     settings: TrainSettings
     validation_fraction: float = 0.2  # of the cases, held out (seeded, by name) and never trained on
-    checkpoint_every: int = 500  # steps between checkpoints in --log-dir
+    checkpoint_every: int = CHECKPOINT_EVERY  # steps between checkpoints in --log-dir
     storage: str = "float32"  # "float16": stored half precision when the validation Dice is unchanged
 
     @classmethod
@@ -51,7 +54,7 @@ class SupervisedConfig:
         section = {name: training.pop(name) for name in list(training) if name in own}
         if section.get("storage", "float32") not in ("float32", "float16"):
             raise ConfigError(f"training.storage must be 'float32' or 'float16', not {section['storage']!r}")
-        settings = TrainSettings(**{"steps": 2000, "learning_rate": 2e-3, "warmup_steps": 100, **training})
+        settings = TrainSettings(**{**SUPERVISED_DEFAULTS, **training})
         _check_types(settings, "training")
         return _check_types(cls(card=dict(config["card"]), settings=settings, **section), "training")
 

@@ -45,10 +45,10 @@ def train_supervised(config: dict[str, Any], dataset_json: Path, output: Path, d
     card = ModelCard.from_dict({**run.card, "weights": {"file": WEIGHTS_FILE, "sha256": ""}})
     target = select_device(device)
 
-    train_paths, validation_paths = split_cases(read_datalist(dataset_json), run.validation_fraction,
+    train_volumes, validation_volumes = split_cases(read_datalist(dataset_json), run.validation_fraction,
                                                 train_settings.seed)
-    logger.info("%d training cases, %d validation cases", len(train_paths), len(validation_paths))
-    cases = [load_case(card, c.image, c.label, c.name) for c in tqdm(train_paths, desc="loading", leave=False)]
+    logger.info("%d training cases, %d validation cases", len(train_volumes), len(validation_volumes))
+    cases = [load_case(card, c.image, c.label, c.name) for c in tqdm(train_volumes, desc="loading", leave=False)]
     if "largest_component" not in card.inference:  # a config may set it; else the training labels decide
         card.inference["largest_component"] = single_piece_labels([c.label for c in cases], card.label_names())
     logger.info("keeping only the largest piece of label(s) %s", card.inference["largest_component"])
@@ -79,32 +79,32 @@ def train_supervised(config: dict[str, Any], dataset_json: Path, output: Path, d
     if log:
         log.close()
 
-    report = evaluate(Segmenter(LoadedModel(output, card, network), device=target.type), validation_paths)
+    report = evaluate(Segmenter(LoadedModel(output, card, network), device=target.type), validation_volumes)
     if log_dir:
         write_report(report, Path(log_dir))
     card.training = {
         **card.training,
         "steps": result.steps, "settings": run.recorded_settings(),
-        "train_cases": len(train_paths), "time_seconds": round(result.seconds), "hardware": result.hardware,
+        "train_cases": len(train_volumes), "time_seconds": round(result.seconds), "hardware": result.hardware,
     }
     card.metrics = {
-        "split": f"validation: {len(validation_paths)} cases held out from training (seed {train_settings.seed})",
-        "validation_cases": [c.name for c in validation_paths],
+        "split": f"validation: {len(validation_volumes)} cases held out from training (seed {train_settings.seed})",
+        "validation_cases": [c.name for c in validation_volumes],
         "dice": report["dice_mean"], "hd95_mm": report["hd95_mean_mm"],
         "per_case": "evaluation.csv of the training run (Dice and HD95 per validation case)",
     }
     if run.storage == "float16":
-        return _save_half_if_dice_unchanged(output, network.cpu(), card, report, validation_paths, target)
+        return _save_half_if_dice_unchanged(output, network.cpu(), card, report, validation_volumes, target)
     return save_model(output, network.cpu(), card)
 
 
-def _save_half_if_dice_unchanged(output: Path, network, card: ModelCard, report: dict, validation_paths,
+def _save_half_if_dice_unchanged(output: Path, network, card: ModelCard, report: dict, validation_volumes,
                                  target) -> Path:
     """Store the weights as fp16 (half the download) only when the validation Dice of the stored weights matches
     the fp32 network's to 0.001 per structure; otherwise keep fp32. The card says which, with both figures."""
     with tempfile.TemporaryDirectory(prefix="fp16-trial-") as trial:  # never at ``output``: a kill leaves nothing
         folder = save_model(Path(trial) / output.name, network, card, half=True)
-        half_report = evaluate(Segmenter(folder, device=target.type), validation_paths)
+        half_report = evaluate(Segmenter(folder, device=target.type), validation_volumes)
     worst = max(abs(half_report["dice_mean"][k] - v) for k, v in report["dice_mean"].items())
     card.training["storage"] = {"float32_dice": report["dice_mean"], "float16_dice": half_report["dice_mean"],
                                 "largest_difference": round(worst, 5)}

@@ -280,31 +280,31 @@ class FineTuneTask(WorkerTask):
 
     cancel_discards_result = False
 
-    def __init__(self, inputs: FineTuneInputs, model: str | Path, choice: TrainSettings, device: str = "auto",
+    def __init__(self, inputs: FineTuneInputs, model: str | Path, settings: TrainSettings, device: str = "auto",
                  model_id: str | None = None, seed: int = 0) -> None:
-        self.inputs, self.model, self.choice = inputs, Path(model), choice
+        self.inputs, self.model, self.settings = inputs, Path(model), settings
         self.device, self.model_id, self.seed = device, model_id, seed
         self.rows: list[LogRow] = []
         super().__init__("finetune")
 
     def arguments(self, folder: Path) -> list[str]:
-        inputs, choice = self.inputs, self.choice
+        inputs, settings = self.inputs, self.settings
 
         def pairs(kind: str, items: Sequence[tuple[sitk.Image, sitk.Image]]) -> list[str]:
             return [f"{_write(image, folder / f'{kind}-{i + 1}.nrrd')}:"
                     f"{_write(label, folder / f'{kind}-{i + 1}_label.nrrd')}" for i, (image, label) in enumerate(items)]
 
         arguments = ["finetune", "--model", str(self.model), "--labeled", *pairs("labelled", inputs.labeled),
-                     "--method", choice.method, "--device", self.device, "--seed", str(self.seed)]
+                     "--method", settings.method, "--device", self.device, "--seed", str(self.seed)]
         if inputs.unlabeled:
             arguments += ["--unlabeled", *(_write(image, folder / f"unlabelled-{i + 1}.nrrd")
                                            for i, image in enumerate(inputs.unlabeled))]
         if inputs.validation:
             arguments += ["--validation", *pairs("validation", inputs.validation)]
-        if choice.steps is not None:
-            arguments += ["--steps", str(choice.steps)]
-        if choice.minutes is not None:
-            arguments += ["--minutes", repr(float(choice.minutes))]
+        if settings.steps is not None:
+            arguments += ["--steps", str(settings.steps)]
+        if settings.minutes is not None:
+            arguments += ["--minutes", repr(float(settings.minutes))]
         if inputs.label_set.label_names is not None:
             arguments += [f"--labels={name}" for name in inputs.label_set.label_names]  # a name may start with '-'
         if self.model_id:
@@ -355,8 +355,9 @@ def start_fine_tune_run(inputs: FineTuneInputs, model: str | Path = DEFAULT_MODE
                         minutes: float | None = None, steps: int | None = None, device: str = "auto",
                         model_id: str | None = None) -> FineTuneTask:
     """Check the choice, mark the segmentations as corrected (Segment never writes into them again) and start."""
-    choice = fine_tune_settings(method, minutes, steps, labeled=len(inputs.labeled), unlabeled=len(inputs.unlabeled))
-    task = FineTuneTask(inputs, resolve_model(model), choice, device, model_id)
+    settings = fine_tune_settings(method, minutes, steps, labeled=len(inputs.labeled),
+                                  unlabeled=len(inputs.unlabeled))
+    task = FineTuneTask(inputs, resolve_model(model), settings, device, model_id)
     for node in inputs.segmentation_nodes:
         mark_corrected(node)
     return task

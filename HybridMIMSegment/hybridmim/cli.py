@@ -24,9 +24,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .errors import HybridMIMError
-from .methods import AUTOMATIC, DEFAULT_LEARNING_RATE, METHOD_LABELS, METHOD_TOOLTIPS
+from .methods import AUTOMATIC, METHOD_LABELS, METHOD_TOOLTIPS
 from .model_store import DEFAULT_MODEL, active_versions, model_versions, scan_models, set_active_version
 from .progress import PARENT_ENVIRONMENT
+from .settings import CHECKPOINT_EVERY, DEFAULT_LEARNING_RATE, DEFAULT_MINUTES, DEFAULT_STEPS
 
 
 def emit(event: str, **fields) -> None:
@@ -220,6 +221,8 @@ def _add_progress_options(command: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .imageio import LABELMAP_SUFFIXES
+
     parser = argparse.ArgumentParser(prog="hybridmim", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log details")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -229,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--series", metavar="UID", help="which DICOM series, when the input folder holds several "
                                                          "(the error lists them)")
     segment.add_argument("-o", "--output", required=True,
-                         help="output: .seg.nrrd (Slicer segmentation) or .nii.gz/.nii/.nrrd/.mha labelmap")
+                         help=f"output: {LABELMAP_SUFFIXES[0]} (Slicer segmentation) or a labelmap "
+                              f"({', '.join(LABELMAP_SUFFIXES[1:])})")
     segment.add_argument("--model", default=DEFAULT_MODEL, help=f"model id or folder (default {DEFAULT_MODEL})")
     segment.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or mps")
     segment.add_argument("--preview", help="also write a PNG with a few slices and the overlay")
@@ -253,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--method", default=AUTOMATIC, choices=list(METHOD_LABELS),
                       help="; ".join(f"{name}: {tip.rstrip('.')}" for name, tip in METHOD_TOOLTIPS.items())
                       + " (default: auto)")
-    tune.add_argument("--minutes", type=float, help="time budget (with --steps: whichever comes first; "
-                                                      "neither given: 5 minutes or 3000 steps)")
+    tune.add_argument("--minutes", type=float,
+                      help=f"time budget (with --steps: whichever comes first; neither given: {DEFAULT_MINUTES:g} "
+                           f"minutes or {DEFAULT_STEPS} steps)")
     tune.add_argument("--steps", type=int, help="step budget")
     tune.add_argument("--labels", nargs="+", action="extend", metavar="NAME",
                       help="structure names for label values 1..N when they differ from the model's (the output "
@@ -266,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "model of the same structures less (docs/fine-tuning.md)")
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--checkpoint-dir", metavar="DIR",
-                      help="keep a checkpoint of the run here (every 500 steps), to resume it after an interruption")
+                      help=f"keep a checkpoint of the run here (every {CHECKPOINT_EVERY} steps), to resume it after an "
+                           "interruption")
     tune.add_argument("--resume", action="store_true",
                       help="continue from the checkpoint in --checkpoint-dir (same volumes and settings)")
     tune.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or mps")

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import HybridMIMError
-from .methods import MAX_LABELED
 from .model_card import ID_PATTERN, MAX_LABELS, Label, ModelCard
 from .model_store import resolve_model
-from .settings import TrainSettings, settings_from
+from .settings import MAX_LABELED, TrainSettings, settings_from
 
 PALETTE = [(0.90, 0.35, 0.30), (0.30, 0.60, 0.90), (0.40, 0.80, 0.40), (0.95, 0.80, 0.30), (0.70, 0.45, 0.85),
            (0.30, 0.80, 0.80), (0.95, 0.55, 0.75), (0.60, 0.60, 0.60)]

@@ -154,9 +154,9 @@ class ModelCard:
             fail(f"intensity.method must be one of {INTENSITY_METHODS}, not '{self.intensity.method}'")
         if self.intensity.method == "ct_window" and not self.intensity.window:
             fail("intensity.window must be [low, high] for ct_window")
-        if self.inference.get("blend", "constant") not in ("constant", "gaussian"):
+        if "blend" in self.inference and self.inference["blend"] not in ("constant", "gaussian"):
             fail(f"inference.blend must be 'constant' or 'gaussian', not '{self.inference['blend']}'")
-        if not isinstance(self.inference.get("cpu_bf16", False), bool):
+        if "cpu_bf16" in self.inference and not isinstance(self.inference["cpu_bf16"], bool):
             fail(f"inference.cpu_bf16 must be true or false, not {self.inference['cpu_bf16']!r}")
         largest = self.inference.get("largest_component", [])
         if not isinstance(largest, list) or any(v not in [label.value for label in self.labels] for v in largest):
@@ -275,7 +275,7 @@ def check_schema(data: dict[str, Any], fail: Callable[[str], NoReturn]) -> None:
     if weights.get("dtype", "float32") not in ("float32", "float16"):
         fail("weights.dtype must be float32 or float16")
     inference = data["inference"]
-    if not _is_number(inference.get("overlap", 0.25), 0.0, 0.95):
+    if "overlap" in inference and not _is_number(inference["overlap"], 0.0, 0.95):
         fail("inference.overlap must be a number from 0 to 0.95")
     if "window_batch" in inference and not _is_int(inference["window_batch"], 1, MAX_WINDOW_BATCH):
         fail(f"inference.window_batch must be a whole number from 1 to {MAX_WINDOW_BATCH}")

@@ -21,7 +21,7 @@ from .errors import ModelCardError
 
 NetworkBuilder = Callable[..., nn.Module]
 
-_REGISTRY: dict[str, tuple[str, NetworkBuilder]] = {}
+_REGISTRY: dict[str, NetworkBuilder] = {}
 _PARTS: dict[str, type[NetworkParts]] = {}
 
 
@@ -46,13 +46,12 @@ class NetworkParts:
         raise NotImplementedError
 
 
-def register_network(name: str, family: str, parts: type[NetworkParts] | None = None
-                     ) -> Callable[[NetworkBuilder], NetworkBuilder]:
+def register_network(name: str, parts: type[NetworkParts] | None = None) -> Callable[[NetworkBuilder], NetworkBuilder]:
     """Decorator adding a builder ``(in_channels, out_channels, **args) -> nn.Module`` under ``name``, with its
     encoder/decoder ``parts`` when it has them."""
 
     def add(builder: NetworkBuilder) -> NetworkBuilder:
-        _REGISTRY[name] = (family, builder)
+        _REGISTRY[name] = builder
         if parts is not None:
             _PARTS[name] = parts
         return builder
@@ -72,16 +71,11 @@ def network_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def network_family(name: str) -> str:
-    """'cnn' or 'transformer'."""
-    _check_known(name)
-    return _REGISTRY[name][0]
-
 
 def build_network(name: str, in_channels: int, out_channels: int, **args: Any) -> nn.Module:
     _check_known(name)
     try:
-        return _REGISTRY[name][1](in_channels, out_channels, **args)
+        return _REGISTRY[name](in_channels, out_channels, **args)
     except TypeError as error:
         raise ModelCardError(f"Invalid arguments for network '{name}': {error}") from error
 
@@ -91,7 +85,7 @@ def _check_known(name: str) -> None:
         raise ModelCardError(f"Unknown network '{name}'; known networks: {', '.join(network_names())}")
 
 
-@register_network("unet", family="cnn")
+@register_network("unet")
 def _unet(in_channels: int, out_channels: int, **args: Any) -> nn.Module:
     from monai.networks.nets import UNet
 
@@ -123,7 +117,7 @@ class BasicUNetParts(NetworkParts):
         return self.net.final_conv(self.net.upcat_1(u2, x0))
 
 
-@register_network("basicunet", family="cnn", parts=BasicUNetParts)
+@register_network("basicunet", parts=BasicUNetParts)
 def _basicunet(in_channels: int, out_channels: int, **args: Any) -> nn.Module:
     from monai.networks.nets import BasicUNet
 
@@ -131,7 +125,7 @@ def _basicunet(in_channels: int, out_channels: int, **args: Any) -> nn.Module:
     return BasicUNet(in_channels=in_channels, out_channels=out_channels, **args)
 
 
-@register_network("segresnet", family="cnn")
+@register_network("segresnet")
 def _segresnet(in_channels: int, out_channels: int, **args: Any) -> nn.Module:
     from monai.networks.nets import SegResNet
 
@@ -162,7 +156,7 @@ class SwinUNETRParts(NetworkParts):
         return self.net.out(self.net.decoder1(dec0, enc0))
 
 
-@register_network("swinunetr", family="transformer", parts=SwinUNETRParts)
+@register_network("swinunetr", parts=SwinUNETRParts)
 def _swinunetr(in_channels: int, out_channels: int, **args: Any) -> nn.Module:
     try:
         import einops  # noqa: F401  (MONAI's SwinUNETR needs it but does not install it)

@@ -1,4 +1,5 @@
-"""What decides a training run (``TrainSettings``) and how fine-tuning fills it in (``settings_from``).
+"""What decides a training run (``TrainSettings``), fine-tuning's defaults and budget, and how fine-tuning fills
+the settings in (``settings_from``).
 Torch-free: the Slicer module and the fine-tuning plan check settings in processes that never import torch."""
 
 from __future__ import annotations
@@ -7,7 +8,29 @@ import math
 from dataclasses import dataclass, field
 
 from .errors import HybridMIMError
-from .methods import AUTOMATIC, DEFAULT_LEARNING_RATE, check_budget, check_method, default_budget, default_method
+from .methods import AUTOMATIC, check_method, default_method
+
+#: The budget when none is given: whichever comes first. On a 2-core CPU the minutes end it; the
+#: steps are meant to end it on a GPU (the GPU round time is not measured yet: docs/fine-tuning.md).
+DEFAULT_MINUTES = 5.0
+DEFAULT_STEPS = 3000
+DEFAULT_LEARNING_RATE = 1e-3  # peak (AdamW, warm-up then cosine); lower values change a trained model less
+MAX_LABELED = 20  # interactive fine-tuning is for a few volumes; more belongs to offline training
+CHECKPOINT_EVERY = 500  # steps between checkpoints of a resumable run
+
+
+def default_budget(steps: int | None, minutes: float | None) -> tuple[int | None, float | None]:
+    """Neither given: ``DEFAULT_STEPS`` or ``DEFAULT_MINUTES``, whichever comes first."""
+    if steps is None and minutes is None:
+        return DEFAULT_STEPS, DEFAULT_MINUTES
+    return steps, minutes
+
+
+def check_budget(steps: int | None, minutes: float | None) -> None:
+    if not steps and not minutes:
+        raise HybridMIMError("Give a budget: a number of steps, of minutes, or both")
+    if (steps is not None and steps < 1) or (minutes is not None and not (0 < minutes < math.inf)):
+        raise HybridMIMError("The budget (steps, minutes) must be positive and finite")
 
 
 @dataclass

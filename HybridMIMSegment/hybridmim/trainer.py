@@ -35,7 +35,7 @@ from .precision import training_autocast, training_precision
 from .progress import CancelToken
 from .sampling import PatchSampler
 from .semisupervised import ema_update, pseudo_labels
-from .settings import TrainSettings
+from .settings import CHECKPOINT_EVERY, TrainSettings
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Checkpoint:
     optimiser, EMA teacher, step, time spent and every random state (samplers, mixing, dropout) are restored."""
 
     path: Path
-    every: int = 500
+    every: int = CHECKPOINT_EVERY
     resume: bool = False
 
 

@@ -46,7 +46,7 @@ def hybridmim_step(module, optimizer, crops, device, generator) -> None:
 
 def full_reconstruction_step(module, optimizer, crops, device, generator) -> None:
     mask = voxel_mask(random_patch_mask(crops.shape[0], GRID, DEFAULTS.mask_ratio, generator),
-                      module.patch_size).to(device)
+                      module.mask_patch).to(device)
     crops = crops.to(device)
     loss = masked_reconstruction_loss(module.backbone(apply_mask(crops, mask)), crops, mask)
     optimizer.zero_grad(set_to_none=True)
@@ -57,7 +57,7 @@ def full_reconstruction_step(module, optimizer, crops, device, generator) -> Non
 def partial_reconstruction_step(module, optimizer, crops, device, generator) -> None:
     """The pixel-level task alone (decoder restricted to the block): isolates what partial prediction saves."""
     mask = voxel_mask(random_patch_mask(crops.shape[0], GRID, DEFAULTS.mask_ratio, generator),
-                      module.patch_size).to(device)
+                      module.mask_patch).to(device)
     crops = crops.to(device)
     corner = random_corner(generator)
     features = module.parts.encode(apply_mask(crops, mask))

@@ -4,16 +4,12 @@
 #   fp32 vs bf16, 50 HybridMIM pre-training steps per backbone.
 # Dry run on a CPU (a few steps of each, same code paths):  bash Testing/Benchmarks/gpu_check.sh --dry-run
 #
-# For a GPU machine without network access, MONAI and SimpleITK, and a copy of the tree limited to 64 MiB,
-# prepare on a networked machine:
-#   echo /.whl/ >> .git/info/exclude
+# On a GPU machine without network access, bring the wheels it lacks in .whl/ (installed from there when present):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl "monai==$(python -c 'import monai; print(monai.__version__)')" \
 #     "SimpleITK==$(python -c 'import SimpleITK; print(SimpleITK.__version__)')" slicerio einops   # about 54 MB
-#   mkdir -p ../models-aside && for m in Resources/Models/*; do [ "${m##*/}" = la-cnn ] || mv "$m" ../models-aside/; done
-# then copy the tree with .whl/ and run "bash Testing/Benchmarks/gpu_check.sh 2>&1 | tee $OUT/gpu_check.log",
-# and afterwards move the models back: mv ../models-aside/* Resources/Models/
+# The check uses only the la-cnn model (the others may be left out of the copy to keep it small).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ "${1:-}" = "--dry-run" ]; then

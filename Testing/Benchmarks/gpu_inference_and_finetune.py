@@ -27,9 +27,12 @@ from benchmark_inference import DEFAULT_VOLUMES, make_tiled_mri  # noqa: E402
 from hybridmim.finetune import fine_tune  # noqa: E402
 from hybridmim.imageio import read_volume  # noqa: E402
 from hybridmim.inference import Segmenter  # noqa: E402
-from hybridmim.methods import DEFAULT_MINUTES, DEFAULT_STEPS  # noqa: E402
 from hybridmim.metrics import dice_per_label  # noqa: E402
-from hybridmim.settings import TrainSettings  # noqa: E402
+from hybridmim.settings import (  # noqa: E402
+    DEFAULT_MINUTES,
+    DEFAULT_STEPS,
+    TrainSettings,  # noqa: E402
+)
 from hybridmim.trainer import TrainProgress  # noqa: E402
 
 SAMPLE_LABEL = DEFAULT_VOLUMES[0].with_name("hippocampus_017.label.nii.gz")

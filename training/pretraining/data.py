@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from hybridmim.cases import LabeledVolume
 from hybridmim.geometry import model_grid
-from hybridmim.imageio import read_volume
+from hybridmim.imageio import LABELMAP_SUFFIXES, read_volume
 from hybridmim.model_card import Intensity
 from hybridmim.preprocessing import HU_WINDOW, model_input
 from hybridmim.sampling import padded_crop, random_start
@@ -26,7 +26,7 @@ from ..datalist import read_datalist
 
 logger = logging.getLogger(__name__)
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+VOLUME_SUFFIXES = tuple(s for s in LABELMAP_SUFFIXES if s != ".seg.nrrd")  # the formats the engine writes
 CACHE_VERSION = 2  # 2: resampled before normalisation, by the engine's model_input
 
 

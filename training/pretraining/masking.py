@@ -22,11 +22,11 @@ def random_patch_mask(batch: int, grid: int, ratio: float, generator: torch.Gene
     return mask.reshape(batch, grid, grid, grid)
 
 
-def voxel_mask(patch_mask: torch.Tensor, patch_size: int) -> torch.Tensor:
+def voxel_mask(patch_mask: torch.Tensor, mask_patch: int) -> torch.Tensor:
     """(B, g, g, g) patch mask -> (B, 1, g*p, g*p, g*p) float voxel mask (1 = masked)."""
     mask = patch_mask.float()
     for dim in (1, 2, 3):
-        mask = mask.repeat_interleave(patch_size, dim)
+        mask = mask.repeat_interleave(mask_patch, dim)
     return mask[:, None]
 
 

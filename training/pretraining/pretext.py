@@ -30,17 +30,17 @@ class PretextOutput:
 class HybridMIMModel(nn.Module):
     """Backbone + count head + location head + projection head (the heads are dropped on export)."""
 
-    def __init__(self, architecture: str, args: dict, patch_size: int = 16, projection_dim: int = 384) -> None:
+    def __init__(self, architecture: str, args: dict, mask_patch: int = 16, projection_dim: int = 384) -> None:
         super().__init__()
         self.architecture, self.args = architecture, dict(args)
-        self.patch_size, self.subvolume = patch_size, 2 * patch_size
-        self.crop_size = GRID * patch_size
+        self.mask_patch, self.subvolume = mask_patch, 2 * mask_patch
+        self.crop_size = GRID * mask_patch
         self.backbone = build_network(architecture, 1, 1, **args)  # 1 output channel: the reconstruction
         self.parts = network_parts(architecture, self.backbone)
         channels = self.parts.bottleneck_channels()
         self.cells = self.subvolume // self.parts.bottleneck_stride  # bottleneck cells per sub-volume side
         if self.cells < 1 or self.subvolume % self.parts.bottleneck_stride:
-            raise ValueError(f"patch size {patch_size} is too small for {architecture} (bottleneck stride "
+            raise ValueError(f"masking patch {mask_patch} is too small for {architecture} (bottleneck stride "
                              f"{self.parts.bottleneck_stride}); use a patch of at least "
                              f"{self.parts.bottleneck_stride // 2}")
         self.count_head = nn.Linear(channels, 9)

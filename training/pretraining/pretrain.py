@@ -50,7 +50,7 @@ def pretext_losses(model, module: HybridMIMModel, crops: torch.Tensor, settings:
     """All five HybridMIM losses and their weighted total for one batch of crops. ``model`` is the (possibly DDP
     wrapped) ``module``; ``gather=False`` for work on one rank only (no collective operations)."""
     patch_mask = random_patch_mask(crops.shape[0], GRID, settings.mask_ratio, generator)
-    mask = voxel_mask(patch_mask, module.patch_size).to(device)
+    mask = voxel_mask(patch_mask, module.mask_patch).to(device)
     crops = crops.to(device)
     masked = apply_mask(crops, mask)
     corner = random_corner(generator) if settings.region == "random" else (0, 0, 0)

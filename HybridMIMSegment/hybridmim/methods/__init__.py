@@ -1,4 +1,4 @@
-"""Fine-tuning methods: the registry, the defaults and the checks of a user's choice.
+"""Fine-tuning methods: the registry, the automatic choice and the check of a user's choice.
 
 One file per method in this package defines its ``METHOD`` (name, label and tooltip for the Slicer panel and the
 command line, its losses); ``REGISTERED`` at the end lists them in the order the panel shows them. The
@@ -9,7 +9,6 @@ imports torch.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,12 +19,6 @@ if TYPE_CHECKING:
     import torch
 
 AUTOMATIC = "auto"  # let default_method choose
-#: The budget when none is given: whichever comes first. On this project's 2-core CPU the minutes end it; the
-#: steps are meant to end it on a GPU (the GPU round time is not measured yet: docs/fine-tuning.md).
-DEFAULT_MINUTES = 5.0
-DEFAULT_STEPS = 3000
-DEFAULT_LEARNING_RATE = 1e-3  # peak (AdamW, warm-up then cosine); lower values change a trained model less
-MAX_LABELED = 20  # interactive fine-tuning is for a few volumes; more belongs to offline training
 
 AUTOMATIC_TOOLTIP = ("BCP for a single corrected segmentation with unlabelled volumes, otherwise Supervised: what "
                      "measured best on the left-atrium benchmark for a few minutes of training (docs/fine-tuning.md).")
@@ -42,7 +35,7 @@ class StepBatch:
     unlabeled: torch.Tensor
     teacher_labels: torch.Tensor
     confident: torch.Tensor
-    settings: Any  # hybridmim.trainer.TrainSettings
+    settings: Any  # hybridmim.settings.TrainSettings
     fraction: float
     generator: torch.Generator
 
@@ -80,23 +73,9 @@ def default_method(labeled: int, unlabeled: int) -> str:
     return "bcp" if labeled == 1 and unlabeled > 0 else "supervised"
 
 
-def default_budget(steps: int | None, minutes: float | None) -> tuple[int | None, float | None]:
-    """Neither given: ``DEFAULT_STEPS`` or ``DEFAULT_MINUTES``, whichever comes first."""
-    if steps is None and minutes is None:
-        return DEFAULT_STEPS, DEFAULT_MINUTES
-    return steps, minutes
-
-
 def check_method(method: str, unlabeled: int) -> None:
     if get_method(method).needs_unlabeled and unlabeled == 0:
         raise HybridMIMError(f"Method '{method}' needs unlabelled volumes; give some or use 'supervised'")
-
-
-def check_budget(steps: int | None, minutes: float | None) -> None:
-    if not steps and not minutes:
-        raise HybridMIMError("Give a budget: a number of steps, of minutes, or both")
-    if (steps is not None and steps < 1) or (minutes is not None and not (0 < minutes < math.inf)):
-        raise HybridMIMError("The budget (steps, minutes) must be positive and finite")
 
 
 from . import bcp, mean_teacher, supervised  # noqa: E402  (after Method: each file builds its METHOD with it)

@@ -128,7 +128,7 @@ def test_nt_xent_is_not_zero_with_distinct_samples_and_gives_gradients():
 @pytest.mark.slow
 def test_pretext_model_shapes_and_exported_state(architecture, args, patch):
     torch.manual_seed(0)
-    model = HybridMIMModel(architecture, args, patch_size=patch)
+    model = HybridMIMModel(architecture, args, mask_patch=patch)
     crop = torch.randn(2, 1, model.crop_size, model.crop_size, model.crop_size)
     out = model(crop, (0, 1, 1))
     side = 2 * model.subvolume
@@ -145,7 +145,7 @@ def test_region_decoding_equals_the_full_decoder_inside_the_region():
     """With fixed normalisation statistics (batch norm in eval mode) the decoder restricted to a block computes
     what the full decoder computes at the block's centre: the crops line up at every level."""
     torch.manual_seed(0)
-    model = HybridMIMModel("basicunet", {"features": [4, 4, 8, 8, 16, 4], "norm": "batch"}, patch_size=16)
+    model = HybridMIMModel("basicunet", {"features": [4, 4, 8, 8, 16, 4], "norm": "batch"}, mask_patch=16)
     model.eval()
     crop = torch.randn(1, 1, 96, 96, 96)
     with torch.no_grad():
@@ -161,4 +161,4 @@ def test_a_network_without_encoder_decoder_parts_is_refused_by_name():
     from hybridmim.errors import ModelCardError
 
     with pytest.raises(ModelCardError, match="'unet' cannot be run as encoder and decoder.*basicunet, swinunetr"):
-        HybridMIMModel("unet", {"channels": [8, 16], "strides": [2]}, patch_size=8)
+        HybridMIMModel("unet", {"channels": [8, 16], "strides": [2]}, mask_patch=8)

@@ -148,7 +148,7 @@ def test_supervised_fine_tuning_starts_from_the_pretrained_encoder_and_decoder(s
     from hybridmim_training.supervised import train_supervised
 
     architecture = {"name": "basicunet", "args": {"features": [8, 8, 16, 16, 32, 8]}}
-    pretext = HybridMIMModel("basicunet", architecture["args"], patch_size=8)
+    pretext = HybridMIMModel("basicunet", architecture["args"], mask_patch=8)
     card = ModelCard.from_dict({"id": "tiny-pretrained", "version": "1.0.0", "name": "tiny", "task": "pretrained",
                                 "architecture": architecture, "modality": "MRI", "intensity": {"method": "zscore"},
                                 "patch_size": [48, 48, 48], "labels": [], "licence": "test",
