@@ -18,7 +18,7 @@ import slicerio
 
 from .errors import InputImageError, OutputError
 from .model_card import Label
-from .staging import remove_stale_staging
+from .staging import probe_new_file, remove_stale_staging
 
 LABELMAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 STAGING_PREFIX = ".hybridmim-"  # a label map is written in such a folder next to its target, then renamed
@@ -274,9 +274,8 @@ def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | N
         existing = existing.parent
     if not existing.is_dir():
         raise OutputError(f"Cannot write {path}: {existing} is a file, not a folder")
-    try:  # permissions, read-only mounts and pseudo file systems (/sys, /proc): only a real file tells
-        with tempfile.TemporaryFile(prefix=f"{STAGING_PREFIX}probe-", dir=existing):
-            pass
+    try:
+        probe_new_file(existing)
     except OSError as error:
         raise OutputError(f"Cannot write {path}: {existing} does not accept new files ({error.strerror})") from error
     if input_path is not None and path.resolve() == Path(input_path).resolve():

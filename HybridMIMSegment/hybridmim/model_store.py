@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from .errors import ChecksumError, ModelCardError, ModelNotFoundError, OutputError
 from .model_card import CARD_FILE, WEIGHTS_FILE, ModelCard
-from .staging import remove_stale_staging
+from .staging import probe_new_file, remove_stale_staging
 
 logger = logging.getLogger(__name__)
 
@@ -163,8 +163,7 @@ def check_user_models_dir() -> Path:
                           "folder)")
     try:
         root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(prefix=".probe-", dir=root):
-            pass
+        probe_new_file(root)
     except OSError as error:
         raise OutputError(f"Cannot use the user models folder {root}: {error}") from error
     return root

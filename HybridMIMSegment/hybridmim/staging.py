@@ -5,6 +5,7 @@ the same folder removes the ones old enough to belong to a dead run."""
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
 from collections.abc import Collection
 from pathlib import Path
@@ -25,3 +26,10 @@ def remove_stale_staging(folder: Path, prefix: str, keep: Collection[str] = ()) 
                     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
             except OSError:
                 continue
+
+
+def probe_new_file(folder: Path) -> None:
+    """Create and delete a hidden file in ``folder``; OSError when it cannot take new files (permissions,
+    read-only mounts, pseudo file systems such as /sys, a full disk): only a real file tells."""
+    with tempfile.TemporaryFile(prefix=".hybridmim-probe-", dir=folder):
+        pass
