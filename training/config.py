@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ class SupervisedConfig:
     card: dict[str, Any]
     settings: TrainSettings
     validation_fraction: float = 0.2  # of the cases, held out (seeded, by name) and never trained on
+    group_pattern: str | None = None  # regex: cases whose names share its first match (a patient) stay together
     checkpoint_every: int = CHECKPOINT_EVERY  # steps between checkpoints in --log-dir
     storage: str = "float32"  # "float16": stored half precision when the validation Dice is unchanged
 
@@ -52,6 +54,11 @@ class SupervisedConfig:
         training = dict(config.get("training", {}))
         _check_keys(training, {*own, *(f.name for f in dataclasses.fields(TrainSettings))}, "training")
         section = {name: training.pop(name) for name in list(training) if name in own}
+        if section.get("group_pattern") is not None:
+            try:
+                re.compile(section["group_pattern"])
+            except (re.error, TypeError) as error:
+                raise ConfigError(f"training.group_pattern is not a regular expression: {error}") from error
         if section.get("storage", "float32") not in ("float32", "float16"):
             raise ConfigError(f"training.storage must be 'float32' or 'float16', not {section['storage']!r}")
         settings = TrainSettings(**{**SUPERVISED_DEFAULTS, **training})
@@ -67,6 +74,7 @@ class SupervisedConfig:
     def recorded_settings(self) -> dict[str, Any]:
         """Every setting of the run, defaults included, for the card."""
         return {**dataclasses.asdict(self.settings), "validation_fraction": self.validation_fraction,
+                "group_pattern": self.group_pattern,
                 "checkpoint_every": self.checkpoint_every, "storage": self.storage}
 
 

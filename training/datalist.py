@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -35,5 +36,15 @@ def seeded_split(items: list[T], key: Callable[[T], str], validation_fraction: f
     return sorted(ordered[count:], key=key), sorted(ordered[:count], key=key)
 
 
-def split_cases(cases: list[LabeledVolume], validation_fraction: float, seed: int) -> tuple[list, list]:
-    return seeded_split(cases, lambda c: c.name, validation_fraction, seed)
+def split_cases(cases: list[LabeledVolume], validation_fraction: float, seed: int,
+                group_pattern: str | None = None) -> tuple[list, list]:
+    """Training and validation cases. With ``group_pattern`` the split is over groups (the pattern's first match
+    in a case's name, e.g. ``patient\\d+``), so two phases or scans of one patient never straddle it."""
+    if group_pattern is None:
+        return seeded_split(cases, lambda c: c.name, validation_fraction, seed)
+    groups: dict[str, list[LabeledVolume]] = {}
+    for case in cases:
+        match = re.search(group_pattern, case.name)
+        groups.setdefault(match.group(0) if match else case.name, []).append(case)
+    train, validation = seeded_split(sorted(groups), str, validation_fraction, seed)
+    return ([c for g in train for c in groups[g]], [c for g in validation for c in groups[g]])

@@ -20,6 +20,7 @@ from hybridmim.inference import Segmenter, select_device
 from hybridmim.model_card import WEIGHTS_FILE, ModelCard
 from hybridmim.model_store import LoadedModel, initialise_from, save_model
 from hybridmim.networks import build_network
+from hybridmim.planning import fingerprint, plan_for
 from hybridmim.postprocessing import single_piece_labels
 from hybridmim.trainer import Checkpoint, TrainProgress, train_network
 
@@ -42,12 +43,16 @@ def train_supervised(config: dict[str, Any], dataset_json: Path, output: Path, d
     checkpoint is kept there; ``resume`` continues from it."""
     run = SupervisedConfig.from_dict(config).with_steps(steps)
     train_settings = run.settings
-    card = ModelCard.from_dict({**run.card, "weights": {"file": WEIGHTS_FILE, "sha256": ""}})
     target = select_device(device)
 
     train_volumes, validation_volumes = split_cases(read_datalist(dataset_json), run.validation_fraction,
-                                                train_settings.seed)
+                                                train_settings.seed, run.group_pattern)
     logger.info("%d training cases, %d validation cases", len(train_volumes), len(validation_volumes))
+    card_fields = run.card
+    if "patch_size" not in card_fields:  # planned from the training cases (never the validation ones)
+        card_fields = plan_for(fingerprint(train_volumes, card_fields.get("modality"))).apply(card_fields)
+        logger.info("plan: %s", "; ".join(card_fields["training"]["plan"]["reasons"]))
+    card = ModelCard.from_dict({**card_fields, "weights": {"file": WEIGHTS_FILE, "sha256": ""}})
     cases = [load_case(card, c.image, c.label, c.name) for c in tqdm(train_volumes, desc="loading", leave=False)]
     if "largest_component" not in card.inference:  # a config may set it; else the training labels decide
         card.inference["largest_component"] = single_piece_labels([c.label for c in cases], card.label_names())

@@ -1,14 +1,16 @@
 """Fine-tune a model on a user's few corrected volumes (plus unlabelled ones) into a new version of it.
 
 The starting model may be bundled, pre-trained only, or an earlier fine-tune. Its preprocessing (spacing,
-intensity, patch) is kept. A new label set is allowed: the output layer is then re-made and the result gets
-its own id. The result is written atomically to the user models folder and becomes the active version of its
-id; nothing is written when the run fails or is cancelled, and the starting folder is only ever read.
+intensity, patch) is kept for its own structures. A new label set is allowed: the output layer is then re-made,
+spacing, patch and pooling are planned from the user's volumes (planning.py), and the result gets its own id.
+The result is written atomically to the user models folder and becomes the active version of its id; nothing is
+written when the run fails or is cancelled, and the starting folder is only ever read.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +24,8 @@ from .finetune_plan import FineTunePlan, plan_fine_tune
 from .inference import Segmenter, select_device
 from .model_card import WEIGHTS_FILE, ModelCard
 from .model_store import LoadedModel, check_user_models_dir, load_matching, read_weights, save_new_version
-from .networks import build_network, output_layer_names
+from .networks import build_network, fixed_pooling, output_layer_names
+from .planning import PLANNED_POOLING, POOLING_LEVELS, fingerprint, plan_for
 from .postprocessing import single_piece_labels
 from .progress import CancelToken
 from .settings import TrainSettings
@@ -43,6 +46,21 @@ def fine_tune(model: str | Path, labeled: Sequence[tuple[ImageSource, ImageSourc
     plan = plan_fine_tune(model, len(labeled), len(unlabeled), settings, label_names, model_id)
     return run_fine_tune(plan, labeled, unlabeled, validation=validation, device=device, progress=progress,
                          cancel=cancel, status=status, checkpoint=checkpoint, before_saving=before_saving)
+
+
+def plan_new_structure(card: ModelCard, volumes: Sequence[LabeledVolume]) -> tuple[ModelCard, dict | None]:
+    """``card`` with target spacing, patch and (UNet) pooling planned from the user's volumes, at the starting
+    model's patch cost (voxels), and the plan's record; the normalisation is kept, since the starting weights
+    learned with it. A network whose pooling is neither planned nor known keeps the parent's preprocessing."""
+    name = card.architecture["name"]
+    divisor = None if name in PLANNED_POOLING else fixed_pooling(name)
+    if divisor is None and name not in PLANNED_POOLING:
+        return card, None
+    levels = len(card.architecture.get("args", {}).get("strides", [2] * POOLING_LEVELS))
+    data_plan = plan_for(fingerprint(volumes, card.modality), voxel_budget=math.prod(card.patch_size),
+                         fixed_divisor=divisor, levels=levels, intensity=asdict(card.intensity))
+    planned = ModelCard.from_dict(data_plan.apply(card.to_dict(), replace=True), source=f"the plan for '{card.id}'")
+    return planned, data_plan.record()
 
 
 def run_fine_tune(plan: FineTunePlan, labeled: Sequence[tuple[ImageSource, ImageSource]],
@@ -66,6 +84,13 @@ def run_fine_tune(plan: FineTunePlan, labeled: Sequence[tuple[ImageSource, Image
     card = ModelCard.from_dict(plan.card.to_dict(), source=f"the fine-tuned model '{plan.card.id}'")  # a copy
     remake_head, settings = plan.remake_head, plan.settings
     target = select_device(device)
+    data_plan = None
+    if remake_head:  # a new structure: spacing, patch and pooling from the user's volumes, not the parent's
+        volumes = [LabeledVolume(source_name(image, "labelled"), image, label) for image, label in labeled]
+        volumes += [LabeledVolume(source_name(image, "unlabelled"), image) for image in unlabeled]
+        card, data_plan = plan_new_structure(card, volumes)
+        if data_plan is not None:
+            status("Planned from your volumes: " + "; ".join(data_plan["reasons"]))
 
     status(f"Loading {len(labeled)} labelled, {len(unlabeled)} unlabelled volumes")
     labeled_cases = [load_case(card, image, label, source_name(image, f"labelled-{i + 1}"), require_foreground=True)
@@ -118,6 +143,7 @@ def run_fine_tune(plan: FineTunePlan, labeled: Sequence[tuple[ImageSource, Image
         "labeled_cases": [c.name for c in labeled_cases], "output_layer": "re-made" if remake_head else "kept",
         "fresh_weights": fresh, "steps": result.steps, "time_seconds": round(result.seconds, 1),
         "hardware": result.hardware, "settings": asdict(settings),
+        **({"plan": data_plan} if data_plan else {}),
     }
     card.weights = {"file": WEIGHTS_FILE, "sha256": ""}
     if not all(torch.isfinite(t).all() for t in network.state_dict().values() if t.is_floating_point()):

@@ -67,6 +67,12 @@ def network_parts(name: str, network: nn.Module) -> NetworkParts:
     return _PARTS[name](network)
 
 
+def fixed_pooling(name: str) -> int | None:
+    """The stride of the bottleneck of a network that pools every axis alike (patch sides must be multiples of
+    it), for the networks registered with parts; None for the others."""
+    return _PARTS[name].bottleneck_stride if name in _PARTS else None
+
+
 def network_names() -> list[str]:
     return sorted(_REGISTRY)
 

@@ -47,12 +47,14 @@ class PatchSampler:
 
     def __init__(self, cases: Sequence[Case], patch_size: Sequence[int], seed: int,
                  flip_axes: Sequence[int] = (), foreground_probability: float = 0.33,
-                 intensity_jitter: float = 0.1, rotation_degrees: float = 0.0, scale_range: Sequence[float] = (1, 1),
+                 intensity_jitter: float = 0.1, rotation_degrees: float = 0.0, rotation_axes: Sequence[int] = (0, 1, 2),
+                 scale_range: Sequence[float] = (1, 1),
                  spatial_probability: float = 0.0, gamma_probability: float = 0.0,
                  gamma_range: Sequence[float] = (0.7, 1.5), noise_probability: float = 0.0,
                  noise_variance: float = 0.1) -> None:
         self.patch = tuple(int(p) for p in patch_size)
         self.rotation_degrees = rotation_degrees
+        self.rotation_axes = sorted(2 - axis for axis in rotation_axes)  # affine_grid's axes are (Z, Y, X)
         self.scale_range = tuple(scale_range)
         self.spatial_probability = spatial_probability
         self.rng = np.random.default_rng(seed)
@@ -125,14 +127,15 @@ class PatchSampler:
         return images, labels if self.labelled else None
 
     def _rotate_and_scale(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random rotation about the three axes and isotropic scaling around the patch centre, in voxel space
+        """Random rotation about ``rotation_axes`` (thick-slice data: only about the slice axis, so slices are not
+        mixed) and isotropic scaling around the patch centre, in voxel space
         (so non-cubic patches are not sheared); labels resampled with nearest neighbour, outside filled with 0."""
         count = images.shape[0]
         half = torch.tensor(self.patch[::-1], dtype=torch.float64) / 2  # affine_grid's x, y, z are W, H, D
         thetas = []
         for _ in range(count):
             rotation = torch.eye(3, dtype=torch.float64)
-            for axis in range(3):
+            for axis in self.rotation_axes:
                 angle = math.radians(self.rng.uniform(-self.rotation_degrees, self.rotation_degrees))
                 c, s = math.cos(angle), math.sin(angle)
                 i, j = [k for k in range(3) if k != axis]

@@ -58,6 +58,7 @@ class TrainSettings:
     foreground_probability: float = 0.33
     intensity_jitter: float = 0.1
     rotation_degrees: float = 0.0
+    rotation_axes: list[int] = field(default_factory=lambda: [0, 1, 2])  # rotations about these axes only
     scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])
     spatial_probability: float = 0.0
     gamma_probability: float = 0.0

@@ -161,6 +161,7 @@ def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: 
     augment: dict[str, Any] = {
         "flip_axes": settings.flip_axes, "foreground_probability": settings.foreground_probability,
         "intensity_jitter": settings.intensity_jitter, "rotation_degrees": settings.rotation_degrees,
+        "rotation_axes": settings.rotation_axes,
         "scale_range": settings.scale_range, "spatial_probability": settings.spatial_probability,
         "gamma_probability": settings.gamma_probability, "noise_probability": settings.noise_probability}
     labeled_sampler = PatchSampler(labeled, patch_size, settings.seed, **augment)

@@ -17,6 +17,7 @@ from hybridmim.errors import Cancelled, HybridMIMError
 from hybridmim.finetune import fine_tune
 from hybridmim.inference import Segmenter
 from hybridmim.metrics import dice_per_label
+from hybridmim.model_card import ModelCard
 from hybridmim.model_store import (
     active_versions,
     model_versions,
@@ -25,6 +26,7 @@ from hybridmim.model_store import (
     sha256_of,
     user_models_dir,
 )
+from hybridmim.networks import output_layer_names
 from hybridmim.semisupervised import copy_paste, ema_update, pseudo_labels, weighted_dice_ce
 from hybridmim.settings import TrainSettings, settings_from
 
@@ -272,3 +274,37 @@ def test_a_run_refuses_volumes_its_plan_was_not_made_for():
     with pytest.raises(HybridMIMError, match="plan was made for 1 labelled and 0 unlabelled"):
         run_fine_tune(plan, [(SAMPLE_IMAGE, SAMPLE_LABEL)] * 2, device="cpu")
     assert not user_models_dir().exists() or not any(user_models_dir().iterdir())
+
+
+CHAOS_LABELS = ["liver", "right kidney", "left kidney", "spleen"]
+
+
+def chaos_case(shared_data: Path, index: int) -> tuple[Path, Path]:
+    entry = json.loads((shared_data / "chaos_t2" / "dataset.json").read_text(encoding="utf-8"))["training"][index]
+    return shared_data / "chaos_t2" / entry["image"], shared_data / "chaos_t2" / entry["label"]
+
+
+def test_new_structure_on_thick_slices_gets_a_plan_from_its_volumes(shared_data):
+    """Fine-tuning to CHAOS abdominal MRI (1.25 x 1.25 x 7.7 mm) plans spacing, patch and pooling from the user's
+    volumes instead of copying the start's 1 mm isotropic grid (7.7 times upsampling along the slices): from the
+    pretrained BasicUNet (fixed pooling: patch sides multiples of 16, its normalisation kept) and from la-cnn's UNet
+    (pooling planned per axis; every weight but the output layer's kept). Results land on the input's grid."""
+    settings = settings_from("supervised", steps=2)
+    pretrained = fine_tune("hybridmim-cnn-pretrained", [chaos_case(shared_data, 0)], settings=settings,
+                           label_names=CHAOS_LABELS, device="cpu")
+    card = ModelCard.load(pretrained)
+    assert card.target_spacing[2] == pytest.approx(7.7) and card.target_spacing[0] < 7.7 / 2
+    assert all(p % 16 == 0 for p in card.patch_size) and np.prod(card.patch_size) <= 48 ** 3
+    assert card.intensity.method == "auto" and card.training["plan"]["reasons"]
+
+    unet = fine_tune("la-cnn", [chaos_case(shared_data, 1)], unlabeled=[chaos_case(shared_data, 2)[0]],
+                     settings=settings_from("supervised", steps=2), label_names=CHAOS_LABELS, device="cpu")
+    card = ModelCard.load(unet)
+    assert card.target_spacing[2] == pytest.approx(7.7)
+    assert card.architecture["args"]["strides"][0] == [2, 2, 1]  # in-plane first: the slices are 7.7 mm
+    head = output_layer_names("unet", 1, 5, **card.architecture["args"])
+    assert set(card.training["fresh_weights"]) == set(head)
+    image = sitk.ReadImage(str(chaos_case(shared_data, 3)[0]))
+    labels = Segmenter(unet, "cpu").segment(image)
+    assert labels.GetSize() == image.GetSize() and labels.GetSpacing() == image.GetSpacing()
+    assert labels.GetDirection() == image.GetDirection() and labels.GetOrigin() == image.GetOrigin()

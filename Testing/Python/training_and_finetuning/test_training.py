@@ -18,10 +18,10 @@ from hybridmim_training.datalist import read_datalist, split_cases
 from hybridmim_training.supervised import train_supervised
 
 
-def small_dataset(shared_data, tmp_path, count: int = 10):
-    source = shared_data / "hippocampus"
+def small_dataset(shared_data, tmp_path, count: int = 10, name: str = "hippocampus"):
+    source = shared_data / name
     entries = json.loads((source / "dataset.json").read_text(encoding="utf-8"))["training"][:count]
-    dataset = {"training": [{k: str(source / v) for k, v in entry.items()} for entry in entries]}
+    dataset = {"training": [{k: str(source / entry[k]) for k in ("image", "label")} for entry in entries]}
     path = tmp_path / "dataset.json"
     path.write_text(json.dumps(dataset), encoding="utf-8")
     return path
@@ -134,3 +134,20 @@ def test_rotation_and_scaling_keep_image_and_label_aligned(shared_data):
     agreement = (moved_images.round().long() == moved_labels).float().mean()
     assert agreement > 0.98
     assert 0.5 < (moved_labels > 0).sum() / (labels > 0).sum() < 2.0  # scaling stays within (0.8, 1.2)^3
+
+
+def test_training_plans_what_the_config_leaves_out_and_keeps_patients_together(shared_data, tmp_path):
+    """A config without spacing, patch or pooling gets them from the training cases' plan (thick-slice ACDC keeps
+    its 10 mm slices); the two frames of a patient never straddle the split."""
+    config = json.loads((REPO / "training" / "configs" / "cardiac_cnn.json").read_text(encoding="utf-8"))
+    assert "patch_size" not in config["card"] and "target_spacing" not in config["card"]
+    config["training"].update(steps=2, warmup_steps=1, validation_fraction=0.34, storage="float32")
+    output = train_supervised(config, small_dataset(shared_data, tmp_path, 6, "acdc"), tmp_path / "model",
+                              device="cpu")
+    card = ModelCard.load(output)
+    assert card.target_spacing == [1.5, 1.5, 10.0] and card.patch_size[2] <= 16
+    assert card.architecture["args"]["strides"][0] == [2, 2, 1]
+    assert card.training["plan"]["fingerprint"]["volumes"] == 4  # planned on the training cases only
+    validation = card.metrics["validation_cases"]
+    assert len(validation) == 2 and validation[0].split("_")[0] == validation[1].split("_")[0]
+    assert card.training["settings"]["group_pattern"] == "patient\\d+"
