@@ -46,6 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
     pre.add_argument("--stop-after", type=int, help="end this run after N steps (resume later)")
 
+    plan = commands.add_parser("plan", help="show the plan (spacing, patch, pooling, normalisation) that "
+                               "supervised training makes for a dataset when its config leaves them out")
+    plan.add_argument("--dataset", type=Path, required=True, help="MSD-style dataset.json")
+    plan.add_argument("--modality", help="CT or MRI (default: from the dataset.json, else from the intensities)")
+    plan.add_argument("--network", default="unet", help="unet (pooling planned per axis), basicunet or swinunetr "
+                      "(fixed pooling: patch sides multiples of 16 or 32)")
+    plan.add_argument("--patch-voxels", type=int,
+                      help="voxels per patch (default: 64 x 64 x 48 = 196608, la-cnn's patch)")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
@@ -59,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             folder = train_supervised(read_config(args.config), args.dataset, args.output,
                                       args.device, args.log_dir, args.steps, args.init, args.resume)
             print(f"Model written to {folder}")
+        elif args.command == "plan":
+            print(json.dumps(dataset_plan(args.dataset, args.modality, args.network, args.patch_voxels), indent=2))
         elif args.command == "pretrain":
             from .pretraining.pretrain import pretrain
 
@@ -81,6 +92,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def dataset_plan(dataset: Path, modality: str | None, network: str, patch_voxels: int | None) -> dict:
+    """The plan supervised training would make from all of ``dataset``'s labelled cases."""
+    from hybridmim.networks import fixed_pooling, network_names
+    from hybridmim.planning import PATCH_VOXEL_BUDGET, PLANNED_POOLING, fingerprint, plan_for
+
+    from .datalist import read_datalist
+
+    divisor = fixed_pooling(network)
+    if network not in PLANNED_POOLING and divisor is None:
+        raise HybridMIMError(f"No plan for network '{network}'; plans exist for "
+                             f"{', '.join(n for n in network_names() if n in PLANNED_POOLING or fixed_pooling(n))}")
+    if modality is None:
+        named = " ".join(json.loads(dataset.read_text(encoding="utf-8")).get("modality", {}).values())
+        modality = "CT" if "CT" in named.upper().split() else "MRI" if "MR" in named.upper() else None
+    cases = [c for c in read_datalist(dataset) if c.label]
+    if not cases:
+        raise HybridMIMError(f"{dataset} lists no labelled cases")
+    result = plan_for(fingerprint(cases, modality), patch_voxels or PATCH_VOXEL_BUDGET, divisor)
+    return {"target_spacing": result.target_spacing, "patch_size": result.patch_size, "strides": result.strides,
+            "intensity": result.intensity, **result.record()}
 
 
 if __name__ == "__main__":
