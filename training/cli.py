@@ -49,11 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     plan = commands.add_parser("plan", help="show the plan (spacing, patch, pooling, normalisation) that "
                                "supervised training makes for a dataset when its config leaves them out")
     plan.add_argument("--dataset", type=Path, required=True, help="MSD-style dataset.json")
-    plan.add_argument("--modality", help="CT or MRI (default: from the dataset.json, else from the intensities)")
-    plan.add_argument("--network", default="unet", help="unet (pooling planned per axis), basicunet or swinunetr "
-                      "(fixed pooling: patch sides multiples of 16 or 32)")
-    plan.add_argument("--patch-voxels", type=int,
-                      help="voxels per patch (default: 64 x 64 x 48 = 196608, la-cnn's patch)")
+    plan.add_argument("--config", type=Path, help="a supervised config: its training split and network, as "
+                      "training plans them (default: all labelled cases)")
+    plan.add_argument("--network", default="unet", help="without --config: unet (pooling planned per axis), "
+                      "basicunet or swinunetr (fixed pooling: patch sides multiples of 16 or 32)")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                                       args.device, args.log_dir, args.steps, args.init, args.resume)
             print(f"Model written to {folder}")
         elif args.command == "plan":
-            print(json.dumps(dataset_plan(args.dataset, args.modality, args.network, args.patch_voxels), indent=2))
+            print(json.dumps(dataset_plan(args.dataset, args.config, args.network), indent=2))
         elif args.command == "pretrain":
             from .pretraining.pretrain import pretrain
 
@@ -94,26 +93,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def dataset_plan(dataset: Path, modality: str | None, network: str, patch_voxels: int | None) -> dict:
-    """The plan supervised training would make from all of ``dataset``'s labelled cases."""
-    from hybridmim.networks import fixed_pooling, network_names
-    from hybridmim.planning import PATCH_VOXEL_BUDGET, PLANNED_POOLING, fingerprint, plan_for
+def dataset_plan(dataset: Path, config: Path | None, network: str) -> dict:
+    """The plan supervised training makes: with a config, from its training split and its card's network, exactly
+    as ``supervised`` does; without one, for ``network`` from all of the dataset's labelled cases."""
+    from hybridmim.planning import fingerprint, plan_for_network
 
-    from .datalist import read_datalist
+    from .config import SupervisedConfig
+    from .datalist import read_datalist, split_cases
+    from .supervised import training_plan
 
-    divisor = fixed_pooling(network)
-    if network not in PLANNED_POOLING and divisor is None:
-        raise HybridMIMError(f"No plan for network '{network}'; plans exist for "
-                             f"{', '.join(n for n in network_names() if n in PLANNED_POOLING or fixed_pooling(n))}")
-    if modality is None:
-        named = " ".join(json.loads(dataset.read_text(encoding="utf-8")).get("modality", {}).values())
-        modality = "CT" if "CT" in named.upper().split() else "MRI" if "MR" in named.upper() else None
-    cases = [c for c in read_datalist(dataset) if c.label]
-    if not cases:
-        raise HybridMIMError(f"{dataset} lists no labelled cases")
-    result = plan_for(fingerprint(cases, modality), patch_voxels or PATCH_VOXEL_BUDGET, divisor)
-    return {"target_spacing": result.target_spacing, "patch_size": result.patch_size, "strides": result.strides,
-            "intensity": result.intensity, **result.record()}
+    if config is not None:
+        run = SupervisedConfig.from_dict(read_config(config))
+        if not run.planned:
+            raise HybridMIMError(f"{config} gives its own patch_size: training uses the card's spacing and patch, "
+                                 "no plan is made")
+        cases, _ = split_cases(read_datalist(dataset), run.validation_fraction, run.settings.seed, run.group_pattern)
+        architecture = run.card.get("architecture") or {"name": "unet"}
+        result = training_plan(run, cases)
+    else:
+        cases = [c for c in read_datalist(dataset) if c.label]
+        architecture = {"name": network}
+        if not cases:
+            raise HybridMIMError(f"{dataset} lists no labelled cases")
+        result = plan_for_network(fingerprint(cases), architecture)
+    card = result.apply({"architecture": architecture})
+    return {key: card[key] for key in ("target_spacing", "patch_size", "architecture", "intensity")} | \
+        result.record()
 
 
 if __name__ == "__main__":

@@ -63,7 +63,19 @@ class SupervisedConfig:
             raise ConfigError(f"training.storage must be 'float32' or 'float16', not {section['storage']!r}")
         settings = TrainSettings(**{**SUPERVISED_DEFAULTS, **training})
         _check_types(settings, "training")
-        return _check_types(cls(card=dict(config["card"]), settings=settings, **section), "training")
+        card = dict(config["card"])
+        geometry = [key for key in ("target_spacing", "patch_size") if key in card]
+        if "strides" in (card.get("architecture") or {}).get("args", {}):
+            geometry.append("architecture.args.strides")
+        if geometry and "patch_size" not in card:
+            raise ConfigError(f"card gives {', '.join(geometry)} but no patch_size: give the spacing, patch and "
+                              "pooling together, or leave all of them out to have them planned from the data")
+        return _check_types(cls(card=card, settings=settings, **section), "training")
+
+    @property
+    def planned(self) -> bool:
+        """Whether the card's spacing, patch and pooling are left to the plan made from the training cases."""
+        return "patch_size" not in self.card
 
     def with_steps(self, steps: int | None) -> SupervisedConfig:
         """The config with its step budget replaced (``--steps``); unchanged for None."""

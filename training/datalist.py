@@ -19,13 +19,22 @@ def read_datalist(dataset_json: str | Path, key: str = "training") -> list[Label
     file's folder."""
     dataset_json = Path(dataset_json)
     root = dataset_json.parent
-    entries = json.loads(dataset_json.read_text(encoding="utf-8"))[key]
+    info = json.loads(dataset_json.read_text(encoding="utf-8"))
+    modality = dataset_modality(info)
     cases = []
-    for entry in entries:
+    for entry in info[key]:
         image = entry["image"] if isinstance(entry, dict) else entry
         label = entry.get("label") if isinstance(entry, dict) else None
-        cases.append(LabeledVolume(source_name(image, str(image)), root / image, root / label if label else None))
+        cases.append(LabeledVolume(source_name(image, str(image)), root / image, root / label if label else None,
+                                   modality))
     return cases
+
+
+def dataset_modality(info: dict) -> str | None:
+    """"CT" or "MRI" from an MSD ``modality`` entry (e.g. {"0": "MRI"}, {"0": "cine MRI"}), None when it names
+    neither."""
+    named = " ".join(map(str, (info.get("modality") or {}).values())).upper()
+    return "CT" if "CT" in named else "MRI" if "MR" in named else None
 
 
 def seeded_split(items: list[T], key: Callable[[T], str], validation_fraction: float, seed: int) -> tuple[list, list]:
@@ -47,4 +56,5 @@ def split_cases(cases: list[LabeledVolume], validation_fraction: float, seed: in
         match = re.search(group_pattern, case.name)
         groups.setdefault(match.group(0) if match else case.name, []).append(case)
     train, validation = seeded_split(sorted(groups), str, validation_fraction, seed)
-    return ([c for g in train for c in groups[g]], [c for g in validation for c in groups[g]])
+    return ([c for g in train for c in sorted(groups[g], key=lambda c: c.name)],
+            [c for g in validation for c in sorted(groups[g], key=lambda c: c.name)])

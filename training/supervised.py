@@ -14,13 +14,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from hybridmim.cases import load_case
+from hybridmim.cases import LabeledVolume, load_case
 from hybridmim.evaluation import evaluate
 from hybridmim.inference import Segmenter, select_device
 from hybridmim.model_card import WEIGHTS_FILE, ModelCard
 from hybridmim.model_store import LoadedModel, initialise_from, save_model
 from hybridmim.networks import build_network
-from hybridmim.planning import fingerprint, plan_for
+from hybridmim.planning import Plan, fingerprint, plan_for_network
 from hybridmim.postprocessing import single_piece_labels
 from hybridmim.trainer import Checkpoint, TrainProgress, train_network
 
@@ -49,8 +49,8 @@ def train_supervised(config: dict[str, Any], dataset_json: Path, output: Path, d
                                                 train_settings.seed, run.group_pattern)
     logger.info("%d training cases, %d validation cases", len(train_volumes), len(validation_volumes))
     card_fields = run.card
-    if "patch_size" not in card_fields:  # planned from the training cases (never the validation ones)
-        card_fields = plan_for(fingerprint(train_volumes, card_fields.get("modality"))).apply(card_fields)
+    if run.planned:  # from the training cases (never the validation ones)
+        card_fields = training_plan(run, train_volumes).apply(card_fields)
         logger.info("plan: %s", "; ".join(card_fields["training"]["plan"]["reasons"]))
     card = ModelCard.from_dict({**card_fields, "weights": {"file": WEIGHTS_FILE, "sha256": ""}})
     cases = [load_case(card, c.image, c.label, c.name) for c in tqdm(train_volumes, desc="loading", leave=False)]
@@ -77,7 +77,8 @@ def train_supervised(config: dict[str, Any], dataset_json: Path, output: Path, d
             log.write(json.dumps({"step": progress.step, "loss": loss, "lr": progress.learning_rate}) + "\n")
             log.flush()
 
-    checkpoint = Checkpoint(Path(log_dir) / CHECKPOINT, run.checkpoint_every, resume) if log_dir else None
+    checkpoint = Checkpoint(Path(log_dir) / CHECKPOINT, run.checkpoint_every, resume, card.layout()) \
+        if log_dir else None
     result = train_network(network, cases, [], card.patch_size, train_settings, target, progress=report_step,
                            checkpoint=checkpoint)
     bar.close()
@@ -101,6 +102,12 @@ def train_supervised(config: dict[str, Any], dataset_json: Path, output: Path, d
     if run.storage == "float16":
         return _save_half_if_dice_unchanged(output, network.cpu(), card, report, validation_volumes, target)
     return save_model(output, network.cpu(), card)
+
+
+def training_plan(run: SupervisedConfig, train_volumes: list[LabeledVolume]) -> Plan:
+    """The plan a config without spacing and patch gets, from its training cases and its card's network."""
+    architecture = run.card.get("architecture") or {"name": "unet"}
+    return plan_for_network(fingerprint(train_volumes, run.card.get("modality")), architecture)
 
 
 def _save_half_if_dice_unchanged(output: Path, network, card: ModelCard, report: dict, validation_volumes,

@@ -225,7 +225,8 @@ def describe_new_model(inputs: FineTuneInputs, model: str | Path = DEFAULT_MODEL
     return (f"The corrected segmentations name {_quoted(inputs.label_set.structures)}, not the labels of "
             f"'{parent.id}' ({_quoted([label.name for label in parent.labels])}).\n\nA new model '{target.id}' "
             f"({target.name}) will be trained with a new output layer, starting from '{parent.id}' "
-            f"{parent.version}, which is left unchanged. Its spacing, patch and pooling are planned from your volumes.")
+            f"{parent.version}, which is left unchanged. Its spacing and patch (and a UNet's pooling) are planned from "
+            f"your volumes.")
 
 
 @dataclass

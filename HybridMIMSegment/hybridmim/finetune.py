@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -24,8 +24,8 @@ from .finetune_plan import FineTunePlan, plan_fine_tune
 from .inference import Segmenter, select_device
 from .model_card import WEIGHTS_FILE, ModelCard
 from .model_store import LoadedModel, check_user_models_dir, load_matching, read_weights, save_new_version
-from .networks import build_network, fixed_pooling, output_layer_names
-from .planning import PLANNED_POOLING, POOLING_LEVELS, fingerprint, plan_for
+from .networks import build_network, output_layer_names
+from .planning import can_plan, fingerprint, plan_for_network
 from .postprocessing import single_piece_labels
 from .progress import CancelToken
 from .settings import TrainSettings
@@ -50,15 +50,12 @@ def fine_tune(model: str | Path, labeled: Sequence[tuple[ImageSource, ImageSourc
 
 def plan_new_structure(card: ModelCard, volumes: Sequence[LabeledVolume]) -> tuple[ModelCard, dict | None]:
     """``card`` with target spacing, patch and (UNet) pooling planned from the user's volumes, at the starting
-    model's patch cost (voxels), and the plan's record; the normalisation is kept, since the starting weights
-    learned with it. A network whose pooling is neither planned nor known keeps the parent's preprocessing."""
-    name = card.architecture["name"]
-    divisor = None if name in PLANNED_POOLING else fixed_pooling(name)
-    if divisor is None and name not in PLANNED_POOLING:
+    model's patch cost (voxels), and the plan's record; the network and its normalisation are kept, since the
+    starting weights learned with them. A network whose pooling is not known keeps the parent's preprocessing."""
+    if not can_plan(card.architecture["name"]):
         return card, None
-    levels = len(card.architecture.get("args", {}).get("strides", [2] * POOLING_LEVELS))
-    data_plan = plan_for(fingerprint(volumes, card.modality), voxel_budget=math.prod(card.patch_size),
-                         fixed_divisor=divisor, levels=levels, intensity=asdict(card.intensity))
+    data_plan = plan_for_network(fingerprint(volumes, card.modality), card.architecture,
+                                 math.prod(card.patch_size), asdict(card.intensity))
     planned = ModelCard.from_dict(data_plan.apply(card.to_dict(), replace=True), source=f"the plan for '{card.id}'")
     return planned, data_plan.record()
 
@@ -89,8 +86,10 @@ def run_fine_tune(plan: FineTunePlan, labeled: Sequence[tuple[ImageSource, Image
         volumes = [LabeledVolume(source_name(image, "labelled"), image, label) for image, label in labeled]
         volumes += [LabeledVolume(source_name(image, "unlabelled"), image) for image in unlabeled]
         card, data_plan = plan_new_structure(card, volumes)
-        if data_plan is not None:
+        if data_plan:
             status("Planned from your volumes: " + "; ".join(data_plan["reasons"]))
+    if checkpoint is not None:
+        checkpoint = replace(checkpoint, model=card.layout())
 
     status(f"Loading {len(labeled)} labelled, {len(unlabeled)} unlabelled volumes")
     labeled_cases = [load_case(card, image, label, source_name(image, f"labelled-{i + 1}"), require_foreground=True)

@@ -109,6 +109,12 @@ class ModelCard:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def layout(self) -> dict[str, Any]:
+        """What a training checkpoint must match to be resumed: grid, patch, network and normalisation (a plan
+        made again from changed data or planning rules must not continue an older run's weights)."""
+        return {"target_spacing": self.target_spacing, "patch_size": self.patch_size,
+                "architecture": self.architecture, "intensity": asdict(self.intensity)}
+
     def save(self, folder: Path) -> None:
         """Standard JSON only: a measurement that came out NaN (no structure found) is written as null."""
         text = json.dumps(_finite_or_none(self.to_dict()), indent=2, allow_nan=False)

@@ -55,6 +55,9 @@ class PatchSampler:
         self.patch = tuple(int(p) for p in patch_size)
         self.rotation_degrees = rotation_degrees
         self.rotation_axes = sorted(2 - axis for axis in rotation_axes)  # affine_grid's axes are (Z, Y, X)
+        # scaling stays in the planes rotated in (all axes when rotating about all three or none)
+        planes = {a for k in self.rotation_axes for a in range(3) if a != k} or {0, 1, 2}
+        self.scaled = torch.tensor([a in planes for a in range(3)])
         self.scale_range = tuple(scale_range)
         self.spatial_probability = spatial_probability
         self.rng = np.random.default_rng(seed)
@@ -127,8 +130,8 @@ class PatchSampler:
         return images, labels if self.labelled else None
 
     def _rotate_and_scale(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random rotation about ``rotation_axes`` (thick-slice data: only about the slice axis, so slices are not
-        mixed) and isotropic scaling around the patch centre, in voxel space
+        """Random rotation about ``rotation_axes`` and scaling in the planes rotated in (thick-slice data: only about
+        and across the slice axis, so slices are not mixed) around the patch centre, in voxel space
         (so non-cubic patches are not sheared); labels resampled with nearest neighbour, outside filled with 0."""
         count = images.shape[0]
         half = torch.tensor(self.patch[::-1], dtype=torch.float64) / 2  # affine_grid's x, y, z are W, H, D
@@ -142,7 +145,8 @@ class PatchSampler:
                 step = torch.eye(3, dtype=torch.float64)
                 step[i, i], step[i, j], step[j, i], step[j, j] = c, -s, s, c
                 rotation = step @ rotation
-            rotation = rotation / self.rng.uniform(self.scale_range[0], self.scale_range[1])
+            factor = self.rng.uniform(self.scale_range[0], self.scale_range[1])
+            rotation = rotation @ torch.diag(torch.where(self.scaled, 1 / factor, 1.0).double())
             thetas.append(torch.diag(1 / half) @ rotation @ torch.diag(half))
         theta = torch.cat([torch.stack(thetas), torch.zeros(count, 3, 1, dtype=torch.float64)], 2).float()
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)

@@ -17,7 +17,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -48,6 +48,7 @@ class Checkpoint:
     path: Path
     every: int = CHECKPOINT_EVERY
     resume: bool = False
+    model: dict[str, Any] = field(default_factory=dict)  # ModelCard.layout(): a resumed run needs the same
 
 
 @dataclass
@@ -139,9 +140,11 @@ def _load_checkpoint(checkpoint: Checkpoint, settings: TrainSettings, device: to
     if not (checkpoint.resume and checkpoint.path.is_file()):
         return None
     state = torch.load(checkpoint.path, map_location=device, weights_only=True)  # tensors and plain data only
-    if state.get("settings") != asdict(settings):
-        raise HybridMIMError(f"The checkpoint {checkpoint.path} is of a run with other settings; resume with the "
-                             "same settings, or start anew without --resume")
+    saved = {**asdict(TrainSettings()), **state.get("settings", {})}  # settings added since: their defaults
+    if saved != asdict(settings) or state.get("model", checkpoint.model) != checkpoint.model:
+        raise HybridMIMError(f"The checkpoint {checkpoint.path} is of a run with other settings or another model "
+                             "layout (spacing, patch, network); resume with the same ones, or start anew without "
+                             "--resume")
     return state
 
 
@@ -235,7 +238,7 @@ def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: 
             progress(report)
         if checkpoint is not None and step % checkpoint.every == 0 and fraction < 1.0:
             _save_checkpoint(checkpoint, {
-                "step": step, "seconds": budget.elapsed(), "settings": asdict(settings),
+                "step": step, "seconds": budget.elapsed(), "settings": asdict(settings), "model": checkpoint.model,
                 "network": network.state_dict(), "optimizer": optimizer.state_dict(),
                 "teacher": teacher.state_dict() if teacher is not None else None,
                 "labeled_sampler": labeled_sampler.rng.bit_generator.state,

@@ -22,7 +22,7 @@ from hybridmim.model_card import Intensity
 from hybridmim.preprocessing import HU_WINDOW, model_input
 from hybridmim.sampling import padded_crop, random_start
 
-from ..datalist import read_datalist
+from ..datalist import dataset_modality, read_datalist
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def volume_file(path: Path, modality: str) -> LabeledVolume:
 def sources_from_datalist(dataset_json: Path, keys: tuple[str, ...] = ("training", "test")) -> list[LabeledVolume]:
     """Images of an MSD-style list (labels unused); modality from its "modality" entry."""
     info = json.loads(Path(dataset_json).read_text(encoding="utf-8"))
-    modality = "CT" if "CT" in str(info.get("modality", "")).upper() else "MRI"
+    modality = dataset_modality(info) or "MRI"
     sources = []
     for key in keys:
         if key in info:

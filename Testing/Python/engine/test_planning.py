@@ -12,8 +12,16 @@ import SimpleITK as sitk
 import torch
 
 from hybridmim.cases import LabeledVolume
+from hybridmim.errors import HybridMIMError, InputImageError
 from hybridmim.networks import build_network
-from hybridmim.planning import MIN_COVERAGE, MIN_FEATURE_SIZE, PATCH_VOXEL_BUDGET, fingerprint, plan_for
+from hybridmim.planning import (
+    MIN_COVERAGE,
+    MIN_FEATURE_SIZE,
+    PATCH_VOXEL_BUDGET,
+    fingerprint,
+    plan_for,
+    plan_for_network,
+)
 from hybridmim_training.datalist import read_datalist
 
 
@@ -67,6 +75,7 @@ def test_large_thick_slice_volumes_are_coarsened_in_plane_only(shared_data):
     median = plan.fingerprint["median_shape"]
     shape = [round(m * 1.25 / s) for m, s in zip(median[:2], plan.target_spacing[:2])] + [median[2]]
     assert math.prod(min(p, n) for p, n in zip(plan.patch_size, shape)) / math.prod(shape) >= MIN_COVERAGE - 0.02
+    assert all(p // 2 ** n >= MIN_FEATURE_SIZE for p, n in zip(plan.patch_size, pools(plan)))  # at the bottleneck
     assert runs_on_its_patch(plan, out_channels=5)
 
 
@@ -76,7 +85,8 @@ def test_tiny_volumes_are_pooled_less_and_padded_not_refused():
     plan = plan_for(fingerprint([LabeledVolume("tiny", image)]))
     assert plan.target_spacing == pytest.approx([0.8, 0.8, 0.8])
     assert all(p >= n for p, n in zip(plan.patch_size, (12, 10, 6)))
-    assert pools(plan) == [1, 1, 0]  # 12 -> 6 -> (3 < 4): once; 6 -> 3: never
+    assert plan.patch_size == [12, 10, 8]  # padded to at least 8 voxels a side
+    assert pools(plan) == [1, 1, 1]  # 12 -> 6, 10 -> 5, 8 -> 4; once more would leave fewer than 4
     assert runs_on_its_patch(plan)
 
 
@@ -94,12 +104,26 @@ def test_ct_gets_a_window_from_its_foreground_and_fixed_pooling_networks_get_mul
     assert kept.intensity["method"] == "auto" and any("kept from the starting model" in r for r in kept.reasons)
 
 
-def test_plan_fills_only_what_a_config_leaves_out(shared_data):
-    plan = plan_for(fingerprint(volumes(shared_data, "acdc", 4), "MRI"))
-    given = {"architecture": {"name": "unet", "args": {"strides": [2, 2, 2, 2]}}, "intensity": {"method": "percentile"}}
-    filled = plan.apply(given)
-    assert filled["architecture"]["args"]["strides"] == [2, 2, 2, 2] and filled["intensity"]["method"] == "percentile"
-    assert filled["patch_size"] == plan.patch_size and filled["training"]["plan"]["reasons"] == plan.reasons
-    replaced = plan.apply(given, replace=True)
-    assert replaced["architecture"]["args"]["strides"] != [2, 2, 2, 2]
+def test_plan_keeps_a_configs_own_normalisation_and_drops_levels_that_pool_nothing(shared_data):
+    plan = plan_for(fingerprint(volumes(shared_data, "hippocampus"), "MRI"))
+    assert plan.strides[-1] == [1, 1, 1]  # 36 x 50 x 36 crops: the fourth level would pool nothing
+    filled = plan.apply({"architecture": {"name": "unet"}, "intensity": {"method": "percentile"}})
+    assert filled["intensity"]["method"] == "percentile" and filled["patch_size"] == plan.patch_size
+    assert len(filled["architecture"]["args"]["strides"]) == 3 and filled["architecture"]["args"]["channels"] == \
+        [16, 32, 64, 128]
+    assert filled["training"]["plan"]["reasons"] == plan.reasons
+    given = {"architecture": {"name": "unet", "args": {"channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2]}},
+             "intensity": {"method": "percentile"}}
+    replaced = plan.apply(given, replace=True)  # a fine-tune: the parent's channels, planned strides
+    assert len(replaced["architecture"]["args"]["strides"]) == 4 and replaced["intensity"] == plan.intensity
     json.dumps(replaced)  # the card records it as plain JSON
+
+
+def test_networks_without_known_pooling_and_bad_inputs_are_refused_before_planning(shared_data):
+    with pytest.raises(HybridMIMError, match="plans exist for basicunet, swinunetr, unet"):
+        plan_for_network(fingerprint(volumes(shared_data, "acdc", 2)), {"name": "segresnet"})
+    with pytest.raises(HybridMIMError, match="at least one volume"):
+        fingerprint([])
+    case = volumes(shared_data, "acdc", 2)
+    with pytest.raises(InputImageError, match="geometry of its image"):
+        fingerprint([LabeledVolume("mixed", case[0].image, volumes(shared_data, "chaos_t2", 1)[0].label)])

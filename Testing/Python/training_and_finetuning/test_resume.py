@@ -70,6 +70,25 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
         train(card, cases, TrainSettings(steps=4, learning_rate=1e-4), Checkpoint(checkpoint.path, resume=True))
 
 
+def test_a_checkpoint_of_another_model_layout_is_refused_and_new_settings_take_their_defaults(tmp_path):
+    """A plan made again from changed data (another patch or spacing) must not continue an older run's weights;
+    a checkpoint written before a setting existed resumes as that setting's default."""
+    card = ModelCard.load(BUNDLED_MODEL)
+    cases = ([load_case(card, SAMPLE_IMAGE, SAMPLE_LABEL)], [])
+    checkpoint = Checkpoint(tmp_path / "checkpoint.pt", every=1, model=card.layout())
+    with pytest.raises(Cancelled):
+        train(card, cases, TrainSettings(steps=4), checkpoint, stop_after=2)
+    other = {**card.layout(), "patch_size": [32, 32, 32]}
+    with pytest.raises(HybridMIMError, match="another model layout"):
+        train(card, cases, TrainSettings(steps=4), Checkpoint(checkpoint.path, resume=True, model=other))
+    state = torch.load(checkpoint.path, weights_only=True)
+    del state["settings"]["rotation_axes"]  # as written before rotation_axes existed
+    torch.save(state, checkpoint.path)
+    _, steps = train(card, cases, TrainSettings(steps=4), Checkpoint(checkpoint.path, resume=True,
+                                                                     model=card.layout()))
+    assert steps == [3, 4]
+
+
 def test_resume_without_a_checkpoint_folder_is_one_error(capsys):
     from hybridmim.cli import main
 

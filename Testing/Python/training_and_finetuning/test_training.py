@@ -153,14 +153,18 @@ def test_training_plans_what_the_config_leaves_out_and_keeps_patients_together(s
     assert card.training["settings"]["group_pattern"] == "patient\\d+"
 
 
-def test_plan_command_prints_the_plan_and_refuses_unknown_networks(shared_data, capsys):
+def test_plan_command_prints_trainings_plan_and_refuses_unknown_networks(shared_data, capsys):
     from hybridmim_training.cli import main
 
-    assert main(["plan", "--dataset", str(shared_data / "acdc" / "dataset.json")]) == 0
+    dataset = str(shared_data / "acdc" / "dataset.json")
+    config = str(REPO / "training" / "configs" / "cardiac_cnn.json")
+    assert main(["plan", "--dataset", dataset, "--config", config]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["target_spacing"] == [1.5, 1.5, 10.0] and plan["intensity"]["method"] == "zscore"
-    assert plan["fingerprint"]["volumes"] == 120 and plan["reasons"]
-    assert main(["plan", "--dataset", str(shared_data / "acdc" / "dataset.json"), "--network", "swinunetr"]) == 0
+    assert plan["fingerprint"]["volumes"] == 96 and plan["reasons"]  # the training split: 48 of 60 patients
+    assert main(["plan", "--dataset", dataset, "--network", "swinunetr"]) == 0
     assert all(p % 32 == 0 for p in json.loads(capsys.readouterr().out)["patch_size"])
-    assert main(["plan", "--dataset", str(shared_data / "acdc" / "dataset.json"), "--network", "vit"]) == 2
+    assert main(["plan", "--dataset", dataset, "--network", "vit"]) == 2
     assert "plans exist for basicunet, swinunetr, unet" in capsys.readouterr().err
+    assert main(["plan", "--dataset", dataset, "--config", str(REPO / "training" / "configs" / "la_cnn.json")]) == 2
+    assert "gives its own patch_size" in capsys.readouterr().err

@@ -39,6 +39,7 @@ def test_defaults_are_filled_in_and_recorded():
     ({"training": {"storage": "int8"}}, "'float32' or 'float16'"),
     ({"trainig": {}}, "Unknown key(s) in the config: 'trainig' (did you mean 'training'?)"),
     ({"card": None}, "'card' object"),
+    ({"training": {"group_pattern": "patient(\\d+"}}, "group_pattern is not a regular expression"),
 ])
 def test_a_wrong_supervised_config_is_one_error_naming_the_key(change, message):
     with pytest.raises(ConfigError) as error:
@@ -65,3 +66,11 @@ def test_the_old_flat_pretraining_shape_is_refused_with_the_new_one_named(tmp_pa
     path.write_text(json.dumps(flat), encoding="utf-8")
     assert main(["pretrain", "--config", str(path), "--output", str(tmp_path / "run")]) == 2
     assert "'card' object" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_spacing_or_pooling_without_a_patch_is_refused_and_none_of_them_is_planned():
+    card = {key: value for key, value in load("la_cnn.json")["card"].items() if key != "patch_size"}
+    with pytest.raises(ConfigError, match="target_spacing, architecture.args.strides but no patch_size"):
+        SupervisedConfig.from_dict({"card": card, "training": {}})
+    assert SupervisedConfig.from_dict(load("cardiac_cnn.json")).planned
+    assert not SupervisedConfig.from_dict(load("la_cnn.json")).planned
