@@ -63,15 +63,52 @@ def _segment(args: argparse.Namespace) -> int:
             bar.n = round(100 * fraction, 1)
             bar.set_postfix_str(message, refresh=True)
 
-        labelmap = segmenter.segment(volume, progress)
+        labelmap, uncertainty = segmenter.segment_and_score(volume, progress)
     written = write_labelmap(labelmap, output, segmenter.card.labels)
     say(f"Segmentation written to {written.resolve()}")
+    say(f"Uncertainty {uncertainty:.3f} (0 certain .. 1 guessing, where a structure is likely): "
+        "'hybridmim rank' orders volumes by it")
     preview = write_preview(volume, labelmap, segmenter.card.labels, args.preview) if args.preview else None
     if preview is not None:
         say(f"Preview written to {preview.resolve()}")
     if args.progress == "json":
         emit("result", output=str(written.resolve()), model=str(segmenter.model.folder),
-             id=segmenter.card.id, version=segmenter.card.version, device=str(segmenter.device))
+             id=segmenter.card.id, version=segmenter.card.version, device=str(segmenter.device),
+             uncertainty=uncertainty)
+    return 0
+
+
+def _part_progress(args: argparse.Namespace, index: int, count: int, name: str) -> Callable[[float, str], None]:
+    """Progress of the ``index``-th of ``count`` volumes as a share of the whole run (``--progress json``)."""
+    def progress(fraction: float, message: str) -> None:
+        if args.progress == "json":
+            emit("progress", fraction=(index + fraction) / count, message=f"{name}: {message}")
+
+    return progress
+
+
+def _rank(args: argparse.Namespace) -> int:
+    """Segment each volume (nothing written) and list them most uncertain first: the one worth correcting next."""
+    from .imageio import read_volume
+    from .inference import Segmenter
+
+    volumes = [(path, read_volume(path)) for path in args.volumes]  # every input checked before any work
+    segmenter = Segmenter(args.model, args.device)
+    scores = []
+    with tqdm(volumes, desc=f"ranking with {segmenter.card.id}", unit="volume",
+              disable=args.progress != "bar") as bar:
+        for index, (path, volume) in enumerate(bar):
+            scores.append((segmenter.segment_and_score(volume, _part_progress(args, index, len(volumes), path))[1],
+                           path))
+    ranking = sorted(scores, key=lambda item: -item[0])
+    if args.progress == "json":
+        emit("result", model=str(segmenter.model.folder), id=segmenter.card.id, version=segmenter.card.version,
+             ranking=[{"volume": path, "uncertainty": score} for score, path in ranking])
+    else:
+        print(f"{'uncertainty':>11}  volume (most uncertain first; model {segmenter.card.id} "
+              f"{segmenter.card.version})")
+        for score, path in ranking:
+            print(f"{score:11.3f}  {path}")
     return 0
 
 
@@ -239,6 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--preview", help="also write a PNG with a few slices and the overlay")
     _add_progress_options(segment)
     segment.set_defaults(run=_segment)
+
+    rank = commands.add_parser("rank", help="order volumes by the model's uncertainty: correct the first next",
+                               description="Segment each volume (nothing is written) and list them most "
+                               "uncertain first. Uncertainty: the mean normalised entropy of the model's class "
+                               "probabilities where it finds a structure likely (0 certain, 1 guessing).")
+    rank.add_argument("volumes", nargs="+", help="volumes (files or DICOM folders)")
+    rank.add_argument("--model", default=DEFAULT_MODEL, help=f"model id or folder (default {DEFAULT_MODEL})")
+    rank.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or mps")
+    _add_progress_options(rank)
+    rank.set_defaults(run=_rank)
 
     tune = commands.add_parser(
         "finetune", help="fine-tune a model on a few labelled volumes (+ unlabelled ones) into a new version",

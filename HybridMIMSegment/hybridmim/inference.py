@@ -23,6 +23,7 @@ from .postprocessing import keep_largest_component
 from .precision import autocast, inference_precision
 from .preprocessing import checked_model_grid, model_input
 from .progress import CancelToken, ProgressCallback, no_progress
+from .uncertainty import uncertainty_score
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,16 @@ class Segmenter:
     def segment(self, image: sitk.Image, progress: ProgressCallback = no_progress,
                 cancel: CancelToken | None = None) -> sitk.Image:
         """Segment a volume; the returned uint8 labelmap has exactly the volume's geometry."""
+        return self._segment(image, progress, cancel)[0]
+
+    def segment_and_score(self, image: sitk.Image, progress: ProgressCallback = no_progress,
+                          cancel: CancelToken | None = None) -> tuple[sitk.Image, float]:
+        """``segment``, and how unsure the model was (``uncertainty_score``, 0-1): to rank volumes for correction."""
+        labelmap, probabilities = self._segment(image, progress, cancel)
+        return labelmap, uncertainty_score(probabilities)
+
+    def _segment(self, image: sitk.Image, progress: ProgressCallback,
+                 cancel: CancelToken | None) -> tuple[sitk.Image, torch.Tensor]:
         card = self.card
         grid = checked_model_grid(image, card)
         progress(0.0, "preprocessing")
@@ -195,7 +206,7 @@ class Segmenter:
         labelmap = keep_largest_component(labels_on_grid(probabilities, grid, image),
                                           card.inference.get("largest_component", []))
         progress(1.0, "done")
-        return labelmap
+        return labelmap, probabilities
 
 
 def segment_file(input_path: str | os.PathLike, output_path: str | os.PathLike, model: str | os.PathLike,
