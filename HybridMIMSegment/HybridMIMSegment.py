@@ -130,6 +130,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._task = None
+        self._taskDone = self._segmentDone  # what _pollTask calls when the Segment worker's task ends
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.connect("timeout()", self._pollTask)
@@ -159,6 +160,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.refreshModelsButton.connect("clicked(bool)", self.refreshModels)
         self.ui.openModelsFolderButton.connect("clicked(bool)", self.onOpenModelsFolder)
         self.ui.fineTuneButton.connect("clicked(bool)", self.onFineTune)
+        self.ui.rankButton.connect("clicked(bool)", self.onRank)
         self.ui.fineTuneCancelButton.connect("clicked(bool)", self.onCancelFineTune)
         self.ui.correctedSegmentationsSelector.connect("checkedNodesChanged()", self.onCorrectedChecked)
         self.ui.versionSelector.connect("currentIndexChanged(int)", self._updateButtons)
@@ -349,6 +351,13 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else _("Segment the input volume") if ready
             else _("Select an input volume and a model"))
         self.ui.cancelButton.enabled = segmenting
+        self.ui.rankButton.enabled = bool(card and not pretrainedOnly) and not busy
+        self.ui.rankButton.toolTip = (
+            _("Wait for the running task to finish") if busy
+            else _("Segment the checked unlabelled volumes (all volumes when none is checked), without changing the "
+                   "scene, and list them most uncertain first: the volume the model is least sure about is the one "
+                   "to correct next") if card and not pretrainedOnly
+            else _("Select a model that segments (not pre-trained only)"))
 
         checked = len(self.ui.correctedSegmentationsSelector.checkedNodes())
         canFineTune = bool(self._parameterNode and card and checked)
@@ -384,6 +393,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p = self._parameterNode
             self._task = self.logic.startSegment(p.inputVolume, model=p.model, device=p.device,
                                                  segmentationNode=segmentationNode, replace=p.replaceSegments)
+            self._taskDone = self._segmentDone
             self.ui.progressBar.value = 0
             self.ui.progressBar.show()
             self.ui.statusLabel.text = _("Starting...")
@@ -409,7 +419,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._task = None
         self.ui.progressBar.hide()
         try:
-            self._segmentDone(task)
+            self._taskDone(task)
         finally:
             self._updateButtons()
 
@@ -427,9 +437,45 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 node = task.apply()
                 self._parameterNode.outputSegmentation = node
                 text = _("Done: {n} segments in '{name}'.").format(n=len(task.card.labels), name=node.GetName())
+                if task.uncertainty is not None:
+                    text += " " + _("Uncertainty {value:.3f}.").format(value=task.uncertainty)
                 if task.note:
                     text += " " + _("A new segmentation was made: {why}.").format(why=task.note)
                 self.ui.statusLabel.text = text
+
+    # Which volume to correct next
+
+    def onRank(self) -> None:
+        """Rank the checked unlabelled volumes (all scalar volumes when none is checked) in the Segment worker's
+        slot; the scene is not changed."""
+        with slicer.util.tryWithErrorDisplay(_("Ranking failed to start."), waitCursor=True):
+            if not self.logic.setupDependencies():
+                self.ui.fineTuneStatusLabel.text = _("Python packages are missing; nothing was done.")
+                return
+            volumes = list(self.ui.unlabeledVolumesSelector.checkedNodes()) or \
+                list(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
+            p = self._parameterNode
+            self._task = self.logic.startRank(volumes, model=p.model, device=p.device)
+            self._taskDone = self._rankDone
+            self.ui.progressBar.value = 0
+            self.ui.progressBar.show()
+            self.ui.fineTuneStatusLabel.text = _("Ranking {n} volumes...").format(n=len(volumes))
+            self._timer.start()
+        self._updateButtons()
+
+    def _rankDone(self, task) -> None:
+        from hybridmim.errors import Cancelled
+
+        if isinstance(task.error, Cancelled):
+            self.ui.fineTuneStatusLabel.text = _("Ranking cancelled.")
+        elif task.error is not None:
+            self.ui.fineTuneStatusLabel.text = _("Ranking failed: {error}").format(error=task.error)
+            logging.error("Ranking failed: %s", task.error)
+        else:
+            ranking = task.ranking()
+            listed = ", ".join(f"'{node.GetName()}' {score:.3f}" for node, score in ranking)
+            self.ui.fineTuneStatusLabel.text = _("Most uncertain first: {listed}. Correct '{name}' next.").format(
+                listed=listed, name=ranking[0][0].GetName())
 
     # Fine-tune / Cancel
 
@@ -639,6 +685,21 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
 
         return start_segment(volumeNode, model, device, segmentationNode, replace)
 
+    @staticmethod
+    def rank(volumeNodes, model: str = DEFAULT_MODEL, device: str = "auto"):
+        """Segment ``volumeNodes`` (nothing is written, the scene is not changed) and wait; returns
+        ``(volumeNode, uncertainty)`` pairs, most uncertain first: the first is the volume to correct next."""
+        from HybridMIMSegmentLib.ranking import rank
+
+        return rank(volumeNodes, model, device)
+
+    @staticmethod
+    def startRank(volumeNodes, model: str = DEFAULT_MODEL, device: str = "auto"):
+        """Start ranking; returns a ``RankTask``: ``poll()`` it from a timer, then ``ranking()``."""
+        from HybridMIMSegmentLib.ranking import start_rank
+
+        return start_rank(volumeNodes, model, device)
+
     # Fine-tuning
 
     @staticmethod
@@ -804,6 +865,20 @@ class HybridMIMSegmentTest(ScriptedLoadableModuleTest):
         segmentation = self.logic.segment(volume)
         self.assertEqual(segmentation.GetTransformNodeID(), inner.GetID())
         self.assertTrue(np.array_equal(self._labels(segmentation, volume), expected))
+
+    def test_rank_lists_the_degraded_volume_first(self):
+        import numpy as np
+
+        volume, _reference = self._loadSample()
+        noisy = slicer.modules.volumes.logic().CloneVolume(slicer.mrmlScene, volume, "noisy")
+        array = slicer.util.arrayFromVolume(noisy).astype(np.float32)
+        array += np.random.default_rng(0).normal(0, 0.8 * array.std(), array.shape).astype(np.float32)
+        slicer.util.updateVolumeFromArray(noisy, array)
+        before = slicer.mrmlScene.GetNumberOfNodes()
+        ranking = self.logic.rank([volume, noisy])
+        self.assertEqual([node.GetName() for node, _score in ranking], ["noisy", volume.GetName()])
+        self.assertGreater(ranking[0][1], ranking[1][1])
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
 
     def test_cancel_leaves_scene_unchanged(self):
         from hybridmim.errors import Cancelled

@@ -32,6 +32,8 @@ from .worker import Record, WorkerTask
 CORRECTED_ATTRIBUTE = "HybridMIMSegment.Corrected"
 #: Node attribute: fingerprint of the voxels Segment last wrote (any later edit changes it).
 WRITTEN_ATTRIBUTE = "HybridMIMSegment.Written"
+#: Node attribute: the model's uncertainty about the volume when Segment wrote it (0 certain .. 1 guessing).
+UNCERTAINTY_ATTRIBUTE = "HybridMIMSegment.Uncertainty"
 
 Progress = Callable[[float, str], None]
 
@@ -100,6 +102,7 @@ class SegmentTask(WorkerTask):
         self.volume_node, self.replace, self.device = volume_node, replace, device
         self.note = why_not_reuse(segmentation_node, volume_node)
         self.segmentation_node = None if self.note else segmentation_node
+        self.uncertainty: float | None = None  # the model's, once applied (hybridmim.uncertainty)
         super().__init__("segment")
         self.image = None  # written; do not hold a second copy of the voxels
 
@@ -149,6 +152,9 @@ class SegmentTask(WorkerTask):
                     node.GetScene().RemoveNode(node)
                 raise
             node.SetAttribute(WRITTEN_ATTRIBUTE, fingerprint(node, self.volume_node))
+            self.uncertainty = (self.process.result or {}).get("uncertainty")
+            if self.uncertainty is not None:
+                node.SetAttribute(UNCERTAINTY_ATTRIBUTE, f"{self.uncertainty:.6f}")
             self.segmentation_node = node
             return node
         finally:
