@@ -131,6 +131,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._task = None
         self._taskDone = self._segmentDone  # what _pollTask calls when the Segment worker's task ends
+        self._taskLabel = None  # where that task's status goes (Segment's or the Fine-tune section's line)
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.connect("timeout()", self._pollTask)
@@ -351,7 +352,8 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else _("Segment the input volume") if ready
             else _("Select an input volume and a model"))
         self.ui.cancelButton.enabled = segmenting
-        self.ui.rankButton.enabled = bool(card and not pretrainedOnly) and not busy
+        ranking = segmenting and self._taskDone == self._rankDone
+        self.ui.rankButton.enabled = bool(self._parameterNode and card and not pretrainedOnly) and not busy
         self.ui.rankButton.toolTip = (
             _("Wait for the running task to finish") if busy
             else _("Segment the checked unlabelled volumes (all volumes when none is checked), without changing the "
@@ -366,7 +368,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             _("Wait for the running task to finish") if busy
             else _("Fine-tune the selected model on the checked segmentations into a new version") if canFineTune
             else _("Check at least one corrected segmentation (and select a model)"))
-        self.ui.fineTuneCancelButton.enabled = fineTuning
+        self.ui.fineTuneCancelButton.enabled = fineTuning or ranking
         self.ui.holdOutCheckBox.enabled = checked > 1
         selected = self.ui.versionSelector.itemData(self.ui.versionSelector.currentIndex)
         inUse = selected == self._activeVersionFolder and bool(self._parameterNode) and \
@@ -393,7 +395,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p = self._parameterNode
             self._task = self.logic.startSegment(p.inputVolume, model=p.model, device=p.device,
                                                  segmentationNode=segmentationNode, replace=p.replaceSegments)
-            self._taskDone = self._segmentDone
+            self._taskDone, self._taskLabel = self._segmentDone, self.ui.statusLabel
             self.ui.progressBar.value = 0
             self.ui.progressBar.show()
             self.ui.statusLabel.text = _("Starting...")
@@ -403,7 +405,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onCancel(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            self.ui.statusLabel.text = _("Cancelling...")
+            self._taskLabel.text = _("Cancelling...")
 
     def _pollTask(self) -> None:
         task = self._task
@@ -412,7 +414,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         finished = task.poll()
         self.ui.progressBar.value = int(100 * task.fraction)
-        self.ui.statusLabel.text = task.message
+        self._taskLabel.text = task.message
         if not finished:
             return
         self._timer.stop()
@@ -452,11 +454,12 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.setupDependencies():
                 self.ui.fineTuneStatusLabel.text = _("Python packages are missing; nothing was done.")
                 return
-            volumes = list(self.ui.unlabeledVolumesSelector.checkedNodes()) or \
-                list(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"))
+            from HybridMIMSegmentLib.ranking import candidate_volumes
+
+            volumes = list(self.ui.unlabeledVolumesSelector.checkedNodes()) or candidate_volumes(slicer.mrmlScene)
             p = self._parameterNode
             self._task = self.logic.startRank(volumes, model=p.model, device=p.device)
-            self._taskDone = self._rankDone
+            self._taskDone, self._taskLabel = self._rankDone, self.ui.fineTuneStatusLabel
             self.ui.progressBar.value = 0
             self.ui.progressBar.show()
             self.ui.fineTuneStatusLabel.text = _("Ranking {n} volumes...").format(n=len(volumes))
@@ -472,10 +475,13 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.fineTuneStatusLabel.text = _("Ranking failed: {error}").format(error=task.error)
             logging.error("Ranking failed: %s", task.error)
         else:
-            ranking = task.ranking()
-            listed = ", ".join(f"'{node.GetName()}' {score:.3f}" for node, score in ranking)
-            self.ui.fineTuneStatusLabel.text = _("Most uncertain first: {listed}. Correct '{name}' next.").format(
-                listed=listed, name=ranking[0][0].GetName())
+            with slicer.util.tryWithErrorDisplay(_("Could not read the ranking."), waitCursor=True):
+                self.ui.fineTuneStatusLabel.text = _("Ranking failed.")
+                ranking = task.ranking()
+                listed = ", ".join(f"'{node.GetName()}' {score:.3f}" for node, score in ranking)
+                self.ui.fineTuneStatusLabel.text = _("Most uncertain first: {listed}. Correct '{name}' next.").format(
+                    listed=listed, name=ranking[0][0].GetName()) if ranking else \
+                    _("The ranked volumes were removed from the scene.")
 
     # Fine-tune / Cancel
 
@@ -540,9 +546,12 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.lossPlotFrame.show()
 
     def onCancelFineTune(self) -> None:
+        """Cancel the fine-tune, or the ranking that runs in the Segment worker's slot."""
         if self._fineTuneTask is not None:
             self._fineTuneTask.cancel()
             self.ui.fineTuneStatusLabel.text = _("Cancelling...")
+        elif self._task is not None and self._taskDone == self._rankDone:
+            self.onCancel()
 
     def _pollFineTune(self) -> None:
         task = self._fineTuneTask

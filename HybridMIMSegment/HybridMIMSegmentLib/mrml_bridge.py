@@ -68,9 +68,11 @@ def reference_volume_node(segmentation_node):
 
 
 def is_grey_volume(node) -> bool:
-    """A scalar volume with voxels that is not a label map."""
+    """A single-component scalar volume with voxels: not a label map, vector (RGB), tensor or DWI volume (all of
+    them subclasses of the scalar volume node)."""
     return (node is not None and node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode")
-            and node.GetImageData() is not None)
+            and not node.IsA("vtkMRMLTensorVolumeNode") and not node.IsA("vtkMRMLDiffusionWeightedVolumeNode")
+            and node.GetImageData() is not None and node.GetImageData().GetNumberOfScalarComponents() == 1)
 
 
 def _parse_geometry(serialized: str) -> tuple[np.ndarray, tuple[int, ...]] | None:

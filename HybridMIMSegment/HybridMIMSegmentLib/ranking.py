@@ -17,8 +17,15 @@ from hybridmim.errors import HybridMIMError
 from hybridmim.model_card import ModelCard
 from hybridmim.model_store import DEFAULT_MODEL, resolve_model
 
-from .mrml_bridge import image_from_volume_node
+from .mrml_bridge import image_from_volume_node, is_grey_volume
 from .worker import Record, WorkerTask
+
+
+def candidate_volumes(scene) -> list:
+    """The scene's volumes a user could correct: grey (single-component, not label map) volumes shown in editors."""
+    nodes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+    candidates = [nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())]
+    return [node for node in candidates if is_grey_volume(node) and not node.GetHideFromEditors()]
 
 
 class RankTask(WorkerTask):
@@ -48,14 +55,28 @@ class RankTask(WorkerTask):
             if record["event"] == "progress":
                 self.fraction, self.message = float(record.get("fraction") or 0.0), "Ranking the volumes"
 
+    @property
+    def error(self) -> BaseException | None:
+        """The worker's error, naming volume nodes instead of the worker's temporary files."""
+        error = self.process.error
+        if error is None:
+            return None
+        text = str(error)
+        for path, node in zip(self.paths, self.volume_nodes):
+            text = text.replace(path, f"volume '{node.GetName()}'")
+        return error if text == str(error) else HybridMIMError(text)
+
     def ranking(self) -> list[tuple[object, float]]:
-        """(volume node, uncertainty), most uncertain first; raises the worker's error."""
-        if self.process.error is not None:
-            raise self.process.error
+        """(volume node, uncertainty), most uncertain first, for the volumes still in the scene; raises the
+        worker's error."""
+        if self.error is not None:
+            raise self.error
         if self.process.result is None:
             raise HybridMIMError("Ranking has not finished yet")
         nodes = dict(zip(self.paths, self.volume_nodes))
-        return [(nodes[entry["volume"]], float(entry["uncertainty"])) for entry in self.process.result["ranking"]]
+        ranked = [(nodes[entry["volume"]], float(entry["uncertainty"] or 0.0))
+                  for entry in self.process.result["ranking"]]
+        return [(node, score) for node, score in ranked if node.GetScene() is not None]
 
 
 def start_rank(volume_nodes: Sequence, model: str | Path = DEFAULT_MODEL, device: str = "auto") -> RankTask:

@@ -10,11 +10,12 @@ import SimpleITK as sitk
 from conftest import SAMPLE_IMAGE
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is installed by the test set-up (./setup.sh test)")
+vtk = pytest.importorskip("vtk")
 
 from hybridmim.errors import HybridMIMError  # noqa: E402
 from hybridmim.inference import Segmenter  # noqa: E402
 from HybridMIMSegmentLib.mrml_bridge import image_from_volume_node  # noqa: E402
-from HybridMIMSegmentLib.ranking import rank, start_rank  # noqa: E402
+from HybridMIMSegmentLib.ranking import candidate_volumes, rank, start_rank  # noqa: E402
 from HybridMIMSegmentLib.segmenting import segment  # noqa: E402
 from mrml_helpers import load_volume_node, reshape  # noqa: E402
 
@@ -48,3 +49,18 @@ def test_nothing_to_rank_and_pretrained_models_are_refused(scene):
         start_rank([], "hippocampus-cnn")
     with pytest.raises(HybridMIMError, match="pre-trained only"):
         start_rank([volume], "hybridmim-cnn-pretrained")
+
+
+def test_only_grey_volumes_shown_in_editors_are_candidates(scene):
+    grey = load_volume_node(scene, SAMPLE_IMAGE, "grey")
+    label = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "label")
+    label.SetAndObserveImageData(grey.GetImageData())
+    vector = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "rgb")
+    rgb = vtk.vtkImageData()
+    rgb.SetDimensions(4, 4, 4)
+    rgb.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 3)
+    vector.SetAndObserveImageData(rgb)
+    hidden = load_volume_node(scene, SAMPLE_IMAGE, "hidden")
+    hidden.SetHideFromEditors(True)
+    scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")  # no voxels
+    assert [node.GetName() for node in candidate_volumes(scene)] == ["grey"]
