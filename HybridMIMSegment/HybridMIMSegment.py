@@ -164,6 +164,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.rankButton.connect("clicked(bool)", self.onRank)
         self.ui.fineTuneCancelButton.connect("clicked(bool)", self.onCancelFineTune)
         self.ui.correctedSegmentationsSelector.connect("checkedNodesChanged()", self.onCorrectedChecked)
+        self.ui.editedSlicesOnlyCheckBox.connect("clicked(bool)", self.onEditedSlicesOnly)
         self.ui.versionSelector.connect("currentIndexChanged(int)", self._updateButtons)
         self.ui.revertButton.connect("clicked(bool)", self.onRevert)
         self.ui.cancelButton.enabled = False
@@ -377,11 +378,25 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCorrectedChecked(self) -> None:
         """A checked segmentation is a user's corrected work: Segment never writes into it again."""
+        from HybridMIMSegmentLib.finetuning import edited_slices_only
         from HybridMIMSegmentLib.segmenting import mark_corrected
 
-        for node in self.ui.correctedSegmentationsSelector.checkedNodes():
+        checked = self.ui.correctedSegmentationsSelector.checkedNodes()
+        for node in checked:
             mark_corrected(node)
+        slicesOnly = {edited_slices_only(node) for node in checked}
+        self.ui.editedSlicesOnlyCheckBox.enabled = bool(checked)
+        self.ui.editedSlicesOnlyCheckBox.checkState = (qt.Qt.PartiallyChecked if len(slicesOnly) > 1
+                                                       else qt.Qt.Checked if slicesOnly == {True} else qt.Qt.Unchecked)
         self._updateButtons()
+
+    def onEditedSlicesOnly(self, only: bool) -> None:
+        """Kept on each checked segmentation: learn from the slices edited after Segment, or the whole volume."""
+        from HybridMIMSegmentLib.finetuning import set_edited_slices_only
+
+        self.ui.editedSlicesOnlyCheckBox.tristate = False
+        for node in self.ui.correctedSegmentationsSelector.checkedNodes():
+            set_edited_slices_only(node, only)
 
     def onSegment(self) -> None:
         self._startSegment(self._parameterNode.outputSegmentation)

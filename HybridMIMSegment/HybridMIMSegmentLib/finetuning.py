@@ -21,6 +21,7 @@ from hybridmim.errors import HybridMIMError
 from hybridmim.finetune_plan import plan_fine_tune
 from hybridmim.model_card import ModelCard
 from hybridmim.model_store import DEFAULT_MODEL, resolve_model
+from hybridmim.partial import UNREVIEWED, partly_reviewed
 from hybridmim.settings import TrainSettings, settings_from
 
 from .mrml_bridge import (
@@ -29,12 +30,26 @@ from .mrml_bridge import (
     labelmap_array_from_segmentation,
     reference_volume_node,
 )
-from .segmenting import mark_corrected
+from .segmenting import mark_corrected, model_output
 from .worker import Record, WorkerTask
 
 
 class FineTuneInputError(HybridMIMError):
     """The chosen segmentations or volumes cannot be used for fine-tuning; the message says what to change."""
+
+
+#: Node attribute of a corrected segmentation: what the user reviewed, the whole volume (absent or "volume") or
+#: only the slices edited after Segment ("slices"; the rest is treated as unlabelled).
+REVIEWED_ATTRIBUTE = "HybridMIMSegment.Reviewed"
+REVIEWED_SLICES = "slices"
+
+
+def set_edited_slices_only(segmentation_node, only: bool) -> None:
+    segmentation_node.SetAttribute(REVIEWED_ATTRIBUTE, REVIEWED_SLICES if only else "volume")
+
+
+def edited_slices_only(segmentation_node) -> bool:
+    return segmentation_node is not None and segmentation_node.GetAttribute(REVIEWED_ATTRIBUTE) == REVIEWED_SLICES
 
 
 # Scene -> engine inputs
@@ -94,20 +109,45 @@ def _quoted(names: Sequence[str]) -> str:
 def training_pair(segmentation_node, volume_node, structures: Sequence[str]) -> tuple[sitk.Image, sitk.Image]:
     """The volume as the engine reads it and a uint8 label map on exactly its grid (value i + 1 for the segment
     named ``structures[i]``; segments are exported by Slicer onto the volume's geometry)."""
-    if len(structures) > 255:
-        raise FineTuneInputError("At most 255 structures can be fine-tuned at once")
+    if len(structures) >= UNREVIEWED:
+        raise FineTuneInputError(f"At most {UNREVIEWED - 1} structures can be fine-tuned at once")
+    image = image_from_volume_node(volume_node)
+    return image, label_image(segmentation_node, volume_node, structures, image)
+
+
+def label_image(segmentation_node, volume_node, structures: Sequence[str], image: sitk.Image,
+                missing_ok: bool = False) -> sitk.Image:
+    """The segments named ``structures`` as a label map on ``image``'s grid (value i + 1 for ``structures[i]``);
+    with ``missing_ok`` a structure the segmentation lacks is left empty instead of refused."""
     ids_by_name = {name: segment_id for segment_id, name in segment_names(segmentation_node)}
     missing = [name for name in structures if name not in ids_by_name]
-    if missing:
+    if missing and not missing_ok:
         raise FineTuneInputError(f"Segmentation '{segmentation_node.GetName()}' has no segment {_quoted(missing)}")
-    image = image_from_volume_node(volume_node)
-    values = labelmap_array_from_segmentation(segmentation_node, [ids_by_name[n] for n in structures], volume_node)
-    if values.shape != sitk.GetArrayViewFromImage(image).shape:
-        raise FineTuneInputError(f"Slicer exported segmentation '{segmentation_node.GetName()}' on a grid of "
-                                 f"{values.shape[::-1]} voxels, not the {image.GetSize()} of its volume")
-    label = sitk.GetImageFromArray(values.astype(np.uint8))
+    present = [name for name in structures if name in ids_by_name]
+    values = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint8)
+    if present:
+        exported = labelmap_array_from_segmentation(segmentation_node, [ids_by_name[n] for n in present], volume_node)
+        if exported.shape != values.shape:
+            raise FineTuneInputError(f"Slicer exported segmentation '{segmentation_node.GetName()}' on a grid of "
+                                     f"{exported.shape[::-1]} voxels, not the {image.GetSize()} of its volume")
+        lookup = np.array([0] + [structures.index(name) + 1 for name in present], np.uint8)
+        values = lookup[exported]
+    label = sitk.GetImageFromArray(values)
     label.CopyInformation(image)
-    return image, label
+    return label
+
+
+def edited_slices_label(segmentation_node, volume_node, structures: Sequence[str], image: sitk.Image,
+                        label: sitk.Image) -> tuple[sitk.Image, str]:
+    """``label`` with only the slices edited since Segment wrote it (the rest ``UNREVIEWED``) and a note."""
+    name = segmentation_node.GetName()
+    original = model_output(segmentation_node)
+    if original is None:
+        raise FineTuneInputError(f"'{name}' was not made by Segment, so the slices you edited cannot be found: "
+                                 "choose 'whole volume reviewed' for it")
+    partial, reviewed, slices = partly_reviewed(
+        label, label_image(original, volume_node, structures, image, missing_ok=True), f"'{name}'")
+    return partial, f"'{name}': learning from the {reviewed} of {slices} slices you edited; the rest is unlabelled."
 
 
 @dataclass
@@ -172,7 +212,10 @@ def gather_inputs(labeled: Sequence[Any], unlabeled_volumes: Sequence[Any], card
     images, present_anywhere = [], set()
     for segmentation, volume in resolved:
         image, label = training_pair(segmentation, volume, label_set.structures)
-        present = set(np.unique(sitk.GetArrayViewFromImage(label)).tolist()) - {0}
+        if len(images) < len(pairs) and edited_slices_only(segmentation):  # held-out ones count in full
+            label, note = edited_slices_label(segmentation, volume, label_set.structures, image, label)
+            notes.append(note)
+        present = set(np.unique(sitk.GetArrayViewFromImage(label)).tolist()) - {0, UNREVIEWED}
         if not present:
             raise FineTuneInputError(f"Segmentation '{segmentation.GetName()}' is empty on volume "
                                      f"'{volume.GetName()}' (no segment has a voxel inside it): nothing to learn")

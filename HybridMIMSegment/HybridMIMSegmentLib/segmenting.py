@@ -34,6 +34,9 @@ CORRECTED_ATTRIBUTE = "HybridMIMSegment.Corrected"
 WRITTEN_ATTRIBUTE = "HybridMIMSegment.Written"
 #: Node attribute: the model's uncertainty about the volume when Segment wrote it (0 certain .. 1 guessing).
 UNCERTAINTY_ATTRIBUTE = "HybridMIMSegment.Uncertainty"
+#: Node reference to a hidden copy of what Segment wrote (the model's output): the slices a user edits afterwards
+#: are found against it, to fine-tune on those slices only.
+MODEL_OUTPUT_REFERENCE = "HybridMIMSegment.ModelOutput"
 
 Progress = Callable[[float, str], None]
 
@@ -45,6 +48,24 @@ def mark_corrected(segmentation_node) -> None:
 
 def is_corrected(segmentation_node) -> bool:
     return segmentation_node is not None and segmentation_node.GetAttribute(CORRECTED_ATTRIBUTE) == "true"
+
+
+def keep_model_output(segmentation_node) -> None:
+    """Keep a hidden copy of the segmentation as Segment wrote it (replacing an earlier copy), saved with the scene."""
+    scene = segmentation_node.GetScene()
+    copy = segmentation_node.GetNodeReference(MODEL_OUTPUT_REFERENCE)
+    if copy is None:
+        copy = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                       scene.GenerateUniqueName(f"{segmentation_node.GetName()} (model output)"))
+        copy.SetHideFromEditors(True)
+        segmentation_node.SetNodeReferenceID(MODEL_OUTPUT_REFERENCE, copy.GetID())
+    copy.SetAndObserveTransformNodeID(segmentation_node.GetTransformNodeID())
+    copy.GetSegmentation().DeepCopy(segmentation_node.GetSegmentation())
+
+
+def model_output(segmentation_node):
+    """The hidden copy of what Segment last wrote into ``segmentation_node`` (None if it did not write it)."""
+    return segmentation_node.GetNodeReference(MODEL_OUTPUT_REFERENCE)
 
 
 def fingerprint(segmentation_node, volume_node) -> str:
@@ -152,6 +173,7 @@ class SegmentTask(WorkerTask):
                     node.GetScene().RemoveNode(node)
                 raise
             node.SetAttribute(WRITTEN_ATTRIBUTE, fingerprint(node, self.volume_node))
+            keep_model_output(node)
             self.uncertainty = (self.process.result or {}).get("uncertainty")
             if self.uncertainty is not None:
                 node.SetAttribute(UNCERTAINTY_ATTRIBUTE, f"{self.uncertainty:.6f}")

@@ -13,6 +13,7 @@ from .errors import InputImageError
 from .geometry import ModelGrid, image_to_canonical, resize_labels
 from .imageio import read_volume
 from .model_card import ModelCard
+from .partial import UNREVIEWED
 from .preprocessing import checked_model_grid, model_input
 
 ImageSource = sitk.Image | str | os.PathLike
@@ -39,7 +40,8 @@ def as_image(source: ImageSource) -> sitk.Image:
 
 @dataclass
 class Case:
-    """``image``: (1, X, Y, Z) float32 normalised; ``label``: (X, Y, Z) uint8 or None, both on the model grid."""
+    """``image``: (1, X, Y, Z) float32 normalised; ``label``: (X, Y, Z) uint8 or None, both on the model grid
+    (``UNREVIEWED`` where a partly corrected volume was not reviewed)."""
 
     name: str
     image: np.ndarray
@@ -55,9 +57,10 @@ def same_geometry(a: sitk.Image, b: sitk.Image, tolerance: float = 1e-4) -> bool
 
 
 def load_case(card: ModelCard, image_path: ImageSource, label_path: ImageSource | None = None,
-              name: str | None = None, require_foreground: bool = False) -> Case:
+              name: str | None = None, require_foreground: bool = False, partial: bool = False) -> Case:
     """Image (and label) on the card's model grid. Labels must match the image's geometry and use only the card's
-    values; with ``require_foreground`` an all-background label is an error (nothing to learn from)."""
+    values (and, with ``partial``, ``UNREVIEWED``); with ``require_foreground`` a label without reviewed foreground
+    is an error (nothing to learn from)."""
     name = name or source_name(image_path, "volume")
     image = as_image(image_path)
     grid = checked_model_grid(image, card)
@@ -72,11 +75,20 @@ def load_case(card: ModelCard, image_path: ImageSource, label_path: ImageSource 
         if not np.isfinite(values).all():
             raise InputImageError(f"The label map of '{name}' holds NaN or infinite values; label maps hold whole "
                                   "numbers")
-        if np.any(values != np.round(values)) or values.min() < 0 or values.max() > len(card.labels):
-            found = ", ".join(f"{v:.6g}" for v in np.unique(values)[:20])
+        reviewed = values != UNREVIEWED if partial else np.ones(values.shape, bool)
+        known = values[reviewed]
+        if np.any(known != np.round(known)) or known.min(initial=0) < 0 or known.max(initial=0) > len(card.labels):
+            found = ", ".join(f"{v:.6g}" for v in np.unique(known)[:20])
             raise InputImageError(f"The label map of '{name}' has values {found}; the model's labels are 0 "
-                                  f"(background) and {', '.join(f'{v} {n}' for v, n in card.label_names().items())}")
-        if require_foreground and not values.any():
+                                  f"(background) and {', '.join(f'{v} {n}' for v, n in card.label_names().items())}"
+                                  + (f" ({UNREVIEWED}: not reviewed)" if partial else ""))
+        if not reviewed.any():
+            raise InputImageError(f"The label map of '{name}' has no reviewed voxel: nothing to learn from")
+        if require_foreground and not known.any():
             raise InputImageError(f"The label map of '{name}' is empty (background only): nothing to learn from")
-        label = resize_labels(values.astype(np.uint8), grid.model_shape, len(card.labels) + 1)
+        label = resize_labels(np.where(reviewed, values, 0).astype(np.uint8), grid.model_shape,
+                              len(card.labels) + 1)
+        if not reviewed.all():
+            kept = resize_labels(reviewed.astype(np.uint8), grid.model_shape, 2).astype(bool)
+            label[~kept] = UNREVIEWED
     return Case(name, volume, label, grid)

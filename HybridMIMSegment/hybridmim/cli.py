@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -28,6 +29,9 @@ from .methods import AUTOMATIC, METHOD_LABELS, METHOD_TOOLTIPS
 from .model_store import DEFAULT_MODEL, active_versions, model_versions, scan_models, set_active_version
 from .progress import PARENT_ENVIRONMENT
 from .settings import CHECKPOINT_EVERY, DEFAULT_LEARNING_RATE, DEFAULT_MINUTES, DEFAULT_STEPS
+
+if TYPE_CHECKING:
+    from .cases import ImageSource
 
 
 def emit(event: str, **fields) -> None:
@@ -112,12 +116,48 @@ def _rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def colon_fields(value: str) -> list[str]:
+    """``value`` split at its colons, except a Windows drive's (``C:`` opening a field)."""
+    fields, start = [], 0
+    for match in re.finditer(":", value):
+        if match.start() != start + 1:
+            fields.append(value[start:match.start()])
+            start = match.start() + 1
+    return [*fields, value[start:]]
+
+
 def image_label_pair(value: str) -> tuple[str, str]:
-    """``IMAGE:LABEL``, split at the first colon that is not a Windows drive's (``C:``)."""
-    separators = [m.start() for m in re.finditer(":", value) if m.start() != 1]
-    if not separators or separators[0] in (0, len(value) - 1):
+    """``IMAGE:LABEL``."""
+    fields = colon_fields(value)
+    if len(fields) != 2 or not all(fields):
         raise argparse.ArgumentTypeError(f"'{value}' is not IMAGE:LABEL")
-    return value[:separators[0]], value[separators[0] + 1:]
+    return fields[0], fields[1]
+
+
+def labeled_volume(value: str) -> tuple[str, ...]:
+    """``IMAGE:LABEL`` or ``IMAGE:LABEL:SEGMENTATION`` (a partly corrected volume: the model's segmentation the
+    label map was corrected from)."""
+    fields = colon_fields(value)
+    if len(fields) not in (2, 3) or not all(fields):
+        raise argparse.ArgumentTypeError(f"'{value}' is not IMAGE:LABEL or IMAGE:LABEL:SEGMENTATION")
+    return tuple(fields)
+
+
+def reviewed_pairs(labeled: list[tuple[str, ...]], say: Callable[[str], None]) -> list[tuple[str, ImageSource]]:
+    """(image, label) pairs; a partly corrected volume's label keeps only the slices edited from its segmentation
+    (``hybridmim.partial``)."""
+    from .imageio import read_volume
+    from .partial import partly_reviewed
+
+    pairs: list[tuple[str, ImageSource]] = []
+    for image, label, *original in labeled:
+        if not original:
+            pairs.append((image, label))
+            continue
+        partial, reviewed, slices = partly_reviewed(read_volume(label), read_volume(original[0]), label)
+        say(f"{label}: learning from the {reviewed} of {slices} slices edited from {original[0]}")
+        pairs.append((image, partial))
+    return pairs
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -134,6 +174,7 @@ def _finetune(args: argparse.Namespace) -> int:
                              len(args.unlabeled), **rate)
     plan = plan_fine_tune(args.model, len(args.labeled), len(args.unlabeled), settings, args.labels, args.id)
     say = _say(args)
+    labeled = reviewed_pairs(args.labeled, say)
     say(f"Using {len(args.labeled)} labelled, {len(args.unlabeled)} unlabelled and {len(args.validation)} "
         f"validation volumes; method {settings.method}")
     with tqdm(total=100, desc=f"fine-tuning {args.model} ({settings.method})", unit="%",
@@ -157,7 +198,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
         checkpoint = Checkpoint(Path(args.checkpoint_dir) / "checkpoint.pt", resume=args.resume) \
             if args.checkpoint_dir else None
-        folder = run_fine_tune(plan, args.labeled, args.unlabeled, validation=args.validation, device=args.device,
+        folder = run_fine_tune(plan, labeled, args.unlabeled, validation=args.validation, device=args.device,
                                progress=progress, status=status, checkpoint=checkpoint,
                                before_saving=_ignore_termination)
     from .model_card import ModelCard
@@ -293,8 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "1..N = the model's structures or the --labels given) plus unlabelled volumes. The result is "
                     "a new version in the user models folder, made active; bundled models are never changed.")
     tune.add_argument("--model", default=DEFAULT_MODEL, help=f"starting model id or folder (default {DEFAULT_MODEL})")
-    tune.add_argument("--labeled", nargs="+", action="extend", required=True, type=image_label_pair,
-                      metavar="IMAGE:LABEL", help="labelled volumes (the option may be repeated: they add up)")
+    tune.add_argument("--labeled", nargs="+", action="extend", required=True, type=labeled_volume,
+                      metavar="IMAGE:LABEL[:SEGMENTATION]",
+                      help="labelled volumes (the option may be repeated: they add up). With SEGMENTATION, the "
+                           "model's segmentation LABEL was corrected from: only the slices that differ from it "
+                           "are learned from, the rest is treated as unlabelled")
     tune.add_argument("--unlabeled", nargs="*", action="extend", default=[], metavar="IMAGE",
                       help="unlabelled volumes (may be repeated)")
     tune.add_argument("--validation", nargs="*", action="extend", default=[], type=image_label_pair,

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .cases import ImageSource, LabeledVolume, load_case, source_name
@@ -25,6 +26,7 @@ from .inference import Segmenter, select_device
 from .model_card import WEIGHTS_FILE, ModelCard
 from .model_store import LoadedModel, check_user_models_dir, load_matching, read_weights, save_new_version
 from .networks import build_network, output_layer_names
+from .partial import UNREVIEWED
 from .planning import can_plan, fingerprint, plan_for_network
 from .postprocessing import single_piece_labels
 from .progress import CancelToken
@@ -67,7 +69,8 @@ def run_fine_tune(plan: FineTunePlan, labeled: Sequence[tuple[ImageSource, Image
                   checkpoint: Checkpoint | None = None, before_saving: Callable[[], None] | None = None) -> Path:
     """Carry out ``plan`` on these volumes (as many as it was made for).
 
-    Label maps use 0 for background and the model's label values (or 1..N for a new label set). ``validation``
+    Label maps use 0 for background and the model's label values (or 1..N for a new label set); a partly corrected
+    volume holds ``UNREVIEWED`` where the user did not review it (``hybridmim.partial``). ``validation``
     pairs are never trained on; their Dice is reported during training and written to the card. ``checkpoint``:
     where training keeps its state, to resume an interrupted run (same inputs and settings). ``before_saving`` is
     called once training and evaluation are done, before the model is written and made active (the command line
@@ -92,14 +95,19 @@ def run_fine_tune(plan: FineTunePlan, labeled: Sequence[tuple[ImageSource, Image
         checkpoint = replace(checkpoint, model=card.layout())
 
     status(f"Loading {len(labeled)} labelled, {len(unlabeled)} unlabelled volumes")
-    labeled_cases = [load_case(card, image, label, source_name(image, f"labelled-{i + 1}"), require_foreground=True)
-                     for i, (image, label) in enumerate(labeled)]
+    labeled_cases = [load_case(card, image, label, source_name(image, f"labelled-{i + 1}"), require_foreground=True,
+                               partial=True) for i, (image, label) in enumerate(labeled)]
     unlabeled_cases = [load_case(card, image, None, source_name(image, f"unlabelled-{i + 1}"))
                        for i, image in enumerate(unlabeled)]
     label_arrays = [c.label for c in labeled_cases if c.label is not None]
     if len(label_arrays) != len(labeled_cases):
         raise HybridMIMError("Every labelled volume needs its label map")
-    card.inference["largest_component"] = single_piece_labels(label_arrays, card.label_names())
+    partly = [c.name for c, labels in zip(labeled_cases, label_arrays) if np.any(labels == UNREVIEWED)]
+    if partly:
+        status(f"Partly corrected ({', '.join(partly)}): learning from the reviewed slices; the rest is labelled by "
+               "the averaged copy of the network once it is trained enough")
+    card.inference["largest_component"] = single_piece_labels(
+        [labels for labels in label_arrays if not np.any(labels == UNREVIEWED)], card.label_names())
     if card.largest_component_names():
         status("One piece in every corrected volume, so only its largest piece will be kept: "
                + ", ".join(card.largest_component_names()))

@@ -22,6 +22,7 @@ from .cases import LabeledVolume, as_image, same_geometry
 from .errors import HybridMIMError, InputImageError
 from .geometry import Reorientation
 from .networks import fixed_pooling, network_names
+from .partial import UNREVIEWED
 from .preprocessing import HU_AIR_BELOW, even_sample
 
 #: Voxels in one training patch: la-cnn's 64 x 64 x 48, whose training step (2 patches) takes about 0.34 s on two
@@ -84,7 +85,8 @@ def fingerprint(volumes: Sequence[LabeledVolume], modality: str | None = None) -
             if not same_geometry(image, label):
                 raise InputImageError(f"The label map of '{volume.name}' does not have the geometry of its image "
                                       "(size/spacing/origin/direction differ)")
-            foreground = np.flatnonzero(sitk.GetArrayViewFromImage(label).ravel() > 0)
+            labels = sitk.GetArrayViewFromImage(label).ravel()
+            foreground = np.flatnonzero((labels > 0) & (labels != UNREVIEWED))
             if foreground.size:
                 index = foreground[rng.integers(0, foreground.size, INTENSITY_SAMPLE)]
         chosen = values[np.sort(index)].astype(np.float64)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridmim.cases import Case
+from hybridmim.partial import UNREVIEWED
 
 
 def random_start(extent: int, size: int, rng: np.random.Generator) -> int:
@@ -42,7 +43,8 @@ class PatchSampler:
 
     Crops may reach past the volume's edges (zero-filled, as sliding-window inference pads), so a volume smaller
     than the patch appears at random positions: a network that only ever saw it in one corner learns that corner.
-    With probability ``foreground_probability`` a crop is centred on a random labelled voxel.
+    With probability ``foreground_probability`` a crop is centred on a random labelled voxel; crops of a partly
+    corrected volume are always centred on a reviewed voxel (elsewhere there may be nothing to learn).
     """
 
     def __init__(self, cases: Sequence[Case], patch_size: Sequence[int], seed: int,
@@ -70,8 +72,11 @@ class PatchSampler:
         self.labelled = all(label is not None for _, label in self.cases)
         if not self.labelled and any(label is not None for _, label in self.cases):
             raise ValueError("PatchSampler: mix of labelled and unlabelled cases; use one sampler for each")
-        self.foreground = [np.argwhere(label > 0) if label is not None else np.zeros((0, 3), int)
-                           for _, label in self.cases]
+        self.foreground = [np.argwhere((label > 0) & (label != UNREVIEWED)) if label is not None
+                           else np.zeros((0, 3), int) for _, label in self.cases]
+        self.reviewed = [np.flatnonzero(label != UNREVIEWED) if label is not None and np.any(label == UNREVIEWED)
+                         else None for _, label in self.cases]
+        self.partial = any(reviewed is not None for reviewed in self.reviewed)
 
     def _crop_start(self, index: int) -> list[int]:
         """Start of a crop; may lie outside the volume (negative, or past the end when the volume is smaller
@@ -82,8 +87,11 @@ class PatchSampler:
         foreground = self.foreground[index]
         if len(foreground) and self.rng.random() < self.foreground_probability:
             centre = foreground[self.rng.integers(len(foreground))]
-            return [int(np.clip(c - p // 2, lo, hi)) for c, p, lo, hi in zip(centre, self.patch, low, high)]
-        return [random_start(s, p, self.rng) for s, p in zip(shape, self.patch)]
+        elif (reviewed := self.reviewed[index]) is not None:
+            centre = np.unravel_index(reviewed[self.rng.integers(len(reviewed))], shape)
+        else:
+            return [random_start(s, p, self.rng) for s, p in zip(shape, self.patch)]
+        return [int(np.clip(c - p // 2, lo, hi)) for c, p, lo, hi in zip(centre, self.patch, low, high)]
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         index = int(self.rng.integers(len(self.cases)))

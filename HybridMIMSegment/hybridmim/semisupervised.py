@@ -1,9 +1,10 @@
 """Pieces of semi-supervised fine-tuning, as plain tensor functions: the EMA teacher, confidence-masked
-pseudo-labels, CutMix / copy-paste mixing and a voxel-weighted Dice + cross-entropy loss.
+pseudo-labels, the targets of partly corrected volumes, CutMix / copy-paste mixing and a voxel-weighted Dice +
+cross-entropy loss.
 
-Mixing always carries a per-voxel weight: voxels that come from a labelled (user-corrected) volume keep their
-reference label with weight 1, whatever the teacher predicts; pseudo-labelled voxels get a lower weight, and
-none where the teacher is not confident.
+Every target carries a per-voxel weight: voxels the user reviewed keep their reference label with weight 1,
+whatever the teacher predicts; pseudo-labelled voxels get ``PSEUDO_WEIGHT``, and none where the teacher is not
+confident.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from types import EllipsisType
 
 import torch
 import torch.nn.functional as F
+
+from .partial import UNREVIEWED
+
+PSEUDO_WEIGHT = 0.5  # weight of a confident pseudo-label, relative to a reviewed voxel
 
 
 @torch.no_grad()
@@ -34,6 +39,17 @@ def pseudo_labels(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor,
     return labels, (confidence >= threshold).float()
 
 
+def reviewed_targets(labels: torch.Tensor, teacher_labels: torch.Tensor | None = None,
+                     confident: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets and per-voxel weights of labelled patches: reviewed voxels weigh 1; ``UNREVIEWED`` ones (partly
+    corrected volumes) take the teacher's label with ``PSEUDO_WEIGHT`` where it is confident, and otherwise (or
+    without a teacher) weigh 0."""
+    reviewed = labels != UNREVIEWED
+    if teacher_labels is None or confident is None:
+        return labels.masked_fill(~reviewed, 0), reviewed.float()
+    return torch.where(reviewed, labels, teacher_labels), torch.where(reviewed, 1.0, PSEUDO_WEIGHT * confident)
+
+
 def box_mask(shape: tuple[int, ...], fraction: float, generator: torch.Generator) -> torch.Tensor:
     """A (1, 1, X, Y, Z) bool mask, True inside one randomly placed box whose sides are ``fraction`` of the patch."""
     mask = torch.zeros((1, 1, *shape), dtype=torch.bool)
@@ -52,15 +68,15 @@ def mix(inside: torch.Tensor, outside: torch.Tensor, mask: torch.Tensor) -> torc
     return torch.where(mask, inside, outside)
 
 
-def copy_paste(images: torch.Tensor, labels: torch.Tensor, unlabeled: torch.Tensor, teacher_labels: torch.Tensor,
-               confident: torch.Tensor, region: torch.Tensor,
-               pseudo_weight: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def copy_paste(images: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, unlabeled: torch.Tensor,
+               teacher_labels: torch.Tensor, confident: torch.Tensor,
+               region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """BCP mixing: unlabelled voxels inside ``region``, labelled (user-corrected) voxels elsewhere. Returns the
-    mixed image, its labels (reference where labelled, teacher's where pasted) and per-voxel weights (1 for
-    reference labels, ``pseudo_weight`` for confident pseudo-labels, 0 for unconfident ones)."""
+    mixed image, its labels (the labelled patches' targets, the teacher's where pasted) and per-voxel weights (the
+    labelled targets' ``weights``, ``PSEUDO_WEIGHT`` for confident pseudo-labels, 0 for unconfident ones)."""
     mixed = mix(unlabeled, images, region)
     mixed_labels = mix(teacher_labels, labels, region)
-    weights = mix(pseudo_weight * confident, torch.ones_like(confident), region)
+    weights = mix(PSEUDO_WEIGHT * confident, weights, region)
     return mixed, mixed_labels, weights
 
 

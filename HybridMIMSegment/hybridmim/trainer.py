@@ -5,7 +5,9 @@ loop, on cases already on the model grid (``hybridmim.cases``).
 
 Semi-supervised methods start with a supervised phase (``supervised_fraction`` of the budget: a new head
 must first learn the structure before its predictions are worth using as pseudo-labels); the EMA teacher is
-then copied from the student and updated every step, and each step's losses are the method's.
+then copied from the student and updated every step, and each step's losses are the method's. Partly corrected
+volumes (``hybridmim.partial``) get the teacher too, whatever the method: after the supervised phase it labels
+their unreviewed voxels.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from .metrics import dice_per_label
 from .precision import training_autocast, training_precision
 from .progress import CancelToken
 from .sampling import PatchSampler
-from .semisupervised import ema_update, pseudo_labels
+from .semisupervised import ema_update, pseudo_labels, reviewed_targets
 from .settings import CHECKPOINT_EVERY, TrainSettings
 
 logger = logging.getLogger(__name__)
@@ -202,7 +204,7 @@ def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: 
             * 0.5 * (1 + math.cos(math.pi * fraction))
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
-        semi = method.losses is not None and fraction >= settings.supervised_fraction
+        semi = fraction >= settings.supervised_fraction and (method.losses is not None or labeled_sampler.partial)
         if semi and teacher is None:
             teacher = copy.deepcopy(network).eval().requires_grad_(False)
         images, labels = labeled_sampler.batch(settings.batch_size)
@@ -210,8 +212,13 @@ def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: 
             raise HybridMIMError("Every labelled volume needs its label map")
         images, labels = images.to(device), labels.to(device)
         with autocast:
-            if not semi:
-                losses = {"supervised": supervised_loss(network, images, labels)}
+            if labeled_sampler.partial and teacher is not None:
+                with torch.no_grad():
+                    labels, weights = reviewed_targets(labels, *pseudo_labels(teacher(images), settings.confidence))
+            else:
+                labels, weights = reviewed_targets(labels)
+            if not semi or method.losses is None:
+                losses = {"supervised": supervised_loss(network, images, labels, weights)}
             else:
                 # settings.check: a semi-supervised method has unlabelled volumes; the teacher is made above
                 assert unlabeled_sampler is not None and teacher is not None and method.losses is not None
@@ -219,7 +226,7 @@ def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: 
                 unlabeled_images = unlabeled_images.to(device)
                 with torch.no_grad():
                     teacher_labels, confident = pseudo_labels(teacher(unlabeled_images), settings.confidence)
-                losses = method.losses(network, StepBatch(images, labels, unlabeled_images, teacher_labels,
+                losses = method.losses(network, StepBatch(images, labels, weights, unlabeled_images, teacher_labels,
                                                           confident, settings, fraction, generator))
             loss = cast(torch.Tensor, sum(losses.values()))  # a sum of loss tensors (never empty)
         optimizer.zero_grad(set_to_none=True)

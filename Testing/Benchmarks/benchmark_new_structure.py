@@ -12,7 +12,7 @@ interrupted benchmark continues. Minutes budgets are only fair on a quiet machin
 
     python Testing/Benchmarks/benchmark_new_structure.py --output runs/new-structure [--tasks chaos_t2 acdc]
         [--counts 1 3 5] [--starts hybridmim-cnn-pretrained la-cnn] [--seeds 0 1 2] [--minutes M]
-    python Testing/Benchmarks/benchmark_new_structure.py --output runs/new-structure --other-scanner
+    python Testing/Benchmarks/benchmark_new_structure.py --output runs/new-structure --other-scanner [--model M]
     python Testing/Benchmarks/benchmark_new_structure.py --output runs/new-structure --report
 """
 
@@ -122,9 +122,10 @@ def new_structure_runs(args: argparse.Namespace, output: Path) -> None:
                           f"{row['seconds']:.0f} s", flush=True)
 
 
-def other_scanner(output: Path, seed: int, minutes: float | None) -> None:
-    """cardiac-cnn on ACDC volumes whose intensities were changed as by another scanner (a smooth multiplicative
-    bias field, gamma, Rician-like noise; seeded per case), then fine-tuned on 3 altered training volumes."""
+def other_scanner(output: Path, seed: int, minutes: float | None, model: str) -> None:
+    """The cardiac model (``model``: id or folder) on ACDC volumes whose intensities were changed as by another
+    scanner (a smooth multiplicative bias field, gamma, Rician-like noise; seeded per case), then fine-tuned on 3
+    altered training volumes."""
     import SimpleITK as sitk
 
     from hybridmim.evaluation import evaluate
@@ -140,14 +141,16 @@ def other_scanner(output: Path, seed: int, minutes: float | None) -> None:
             image = sitk.ReadImage(str(DATA / "acdc" / "imagesTr" / f"{case}.nii.gz"), sitk.sitkFloat32)
             sitk.WriteImage(alter(image, np.random.default_rng(1000 + index)), str(path))
     held_out = [volume("acdc", c, folder.parent) for c in split["held_out"]]
-    before = evaluate(Segmenter("cardiac-cnn", "cpu"), held_out)
-    original = evaluate(Segmenter("cardiac-cnn", "cpu"), [volume("acdc", c) for c in split["held_out"]])
-    after = fine_tune_and_measure("cardiac-cnn", [volume("acdc", c, folder.parent) for c in labeled], [], held_out,
-                                  None, seed, minutes)
-    row = {"original_dice": original["dice_mean"], "altered_dice": before["dice_mean"], "fine_tuned": after,
-           "labeled": labeled, "held_out": split["held_out"]}
+    segmenter = Segmenter(model, "cpu")
+    before = evaluate(segmenter, held_out)
+    original = evaluate(segmenter, [volume("acdc", c) for c in split["held_out"]])
+    after = fine_tune_and_measure(model, [volume("acdc", c, folder.parent) for c in labeled], [], held_out, None,
+                                  seed, minutes)
+    row = {"model": f"{segmenter.card.id} {segmenter.card.version}", "original_dice": original["dice_mean"],
+           "altered_dice": before["dice_mean"], "fine_tuned": after, "labeled": labeled,
+           "held_out": split["held_out"]}
     (output / "other_scanner.json").write_text(json.dumps(row, indent=2) + "\n", encoding="utf-8")
-    print(f"cardiac-cnn: original {original['dice_mean']['mean']:.3f}, altered {before['dice_mean']['mean']:.3f}, "
+    print(f"{row['model']}: original {original['dice_mean']['mean']:.3f}, altered {before['dice_mean']['mean']:.3f}, "
           f"fine-tuned on 3 altered {after['dice']['mean']:.3f} ({after['steps']} steps)")
 
 
@@ -197,6 +200,7 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help="budget per run (default: the "
                         "interactive default, %(default)s minutes, or its step cap, whichever comes first)")
     parser.add_argument("--other-scanner", action="store_true", help="the simulated other-scanner case instead")
+    parser.add_argument("--model", default="cardiac-cnn", help="the cardiac model of --other-scanner (id or folder)")
     parser.add_argument("--report", action="store_true", help="print the table of the runs done so far")
     args = parser.parse_args()
     if args.report:
@@ -206,7 +210,7 @@ def main() -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     os.environ["HYBRIDMIM_USER_MODELS"] = str(args.output / "models")
     if args.other_scanner:
-        other_scanner(args.output, args.seeds[0], args.minutes)
+        other_scanner(args.output, args.seeds[0], args.minutes, args.model)
     else:
         new_structure_runs(args, args.output)
     return 0

@@ -26,12 +26,13 @@ AUTOMATIC_TOOLTIP = ("BCP for a single corrected segmentation with unlabelled vo
 
 @dataclass(frozen=True)
 class StepBatch:
-    """What a semi-supervised step works on: labelled patches with their labels, unlabelled patches with the EMA
-    teacher's labels and where it is confident, the run's settings, how far the run is (0..1) and the step's
-    random generator."""
+    """What a semi-supervised step works on: labelled patches with their targets and per-voxel weights
+    (``semisupervised.reviewed_targets``), unlabelled patches with the EMA teacher's labels and where it is
+    confident, the run's settings, how far the run is (0..1) and the step's random generator."""
 
     images: torch.Tensor
     labels: torch.Tensor
+    weights: torch.Tensor
     unlabeled: torch.Tensor
     teacher_labels: torch.Tensor
     confident: torch.Tensor

@@ -19,7 +19,7 @@ def losses(network: torch.nn.Module, batch: StepBatch) -> dict[str, torch.Tensor
     box = box.to(batch.images.device)
     named = {}
     for name, region in (("inward", box), ("outward", ~box)):
-        mixed, mixed_labels, weights = copy_paste(batch.images[:count], batch.labels[:count],
+        mixed, mixed_labels, weights = copy_paste(batch.images[:count], batch.labels[:count], batch.weights[:count],
                                                   batch.unlabeled[:count], batch.teacher_labels[:count],
                                                   batch.confident[:count], region)
         named[name] = weighted_dice_ce(network(mixed), mixed_labels, weights)

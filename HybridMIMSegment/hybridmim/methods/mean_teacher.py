@@ -27,7 +27,7 @@ def losses(network: torch.nn.Module, batch: StepBatch) -> dict[str, torch.Tensor
     ramp = sigmoid_rampup((batch.fraction - settings.supervised_fraction)
                           / max(1e-6, 1 - settings.supervised_fraction))
     return {
-        "supervised": supervised_loss(network, batch.images, batch.labels),
+        "supervised": supervised_loss(network, batch.images, batch.labels, batch.weights),
         "unlabeled": settings.unlabeled_weight * ramp * weighted_dice_ce(network(strong), mixed_labels, mixed_weights),
     }
 

@@ -10,13 +10,12 @@ if TYPE_CHECKING:
     import torch
 
 
-def supervised_loss(network: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Dice + cross-entropy on labelled patches, every voxel weighing 1."""
-    import torch
-
+def supervised_loss(network: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                    weights: torch.Tensor) -> torch.Tensor:
+    """Dice + cross-entropy on labelled patches, each voxel with its weight (1 where reviewed)."""
     from ..semisupervised import weighted_dice_ce
 
-    return weighted_dice_ce(network(images), labels, torch.ones_like(labels).float())
+    return weighted_dice_ce(network(images), labels, weights)
 
 
 METHOD: Method = Method("supervised", "Supervised",

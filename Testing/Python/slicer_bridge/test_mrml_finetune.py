@@ -441,3 +441,43 @@ def test_cancelled_fine_tune_writes_nothing(scene, card):
     assert not task.process.running and not task.process.folder.exists()
     folder = user_models_dir()
     assert not folder.exists() or not list(folder.iterdir())  # not even a hidden staging folder
+
+
+def test_only_the_slices_edited_after_segment_are_learned_from(scene, card, tmp_path):
+    """Segment keeps a hidden copy of what it wrote; a segmentation marked 'only the slices I edited' becomes a
+    label map with the edited slices and the rest unreviewed (under a parent transform too); the choice is kept
+    per segmentation, and one not made by Segment is refused with what to do."""
+    from hybridmim.partial import UNREVIEWED
+    from HybridMIMSegmentLib.finetuning import edited_slices_only, set_edited_slices_only
+    from HybridMIMSegmentLib.segmenting import keep_model_output, model_output
+
+    volume = load_volume_node(scene, SAMPLE_IMAGE)
+    reshape(volume)
+    truth = label_values(SAMPLE_LABEL)
+    missed = truth.copy()
+    missed[[10, 15]] = 0  # the model missed these two slices ...
+    model_path = tmp_path / "model-output.nii.gz"
+    image = sitk.GetImageFromArray(missed)
+    image.CopyInformation(sitk.ReadImage(str(SAMPLE_LABEL)))
+    sitk.WriteImage(image, str(model_path))
+    node = corrected_segmentation(scene, volume, model_path, MODEL_LABELS, "segmented")
+    keep_model_output(node)
+    copy = model_output(node)
+    assert copy is not None and copy.GetHideFromEditors()
+    # ... and the user painted them in
+    update_segmentation_node(node, sitk.ReadImage(str(SAMPLE_LABEL)), [Label(i + 1, n, [0.5, 0.5, 0.5])
+                                                                       for i, n in enumerate(MODEL_LABELS)], volume)
+    assert not edited_slices_only(node)
+    set_edited_slices_only(node, True)
+    assert edited_slices_only(node)
+
+    inputs = gather_inputs([node], [], card)
+    labels = sitk.GetArrayFromImage(inputs.labeled[0][1])
+    assert np.array_equal(labels[[10, 15]], truth[[10, 15]])
+    assert bool((np.delete(labels, [10, 15], axis=0) == UNREVIEWED).all())
+    assert any("the 2 of 32 slices you edited" in note for note in inputs.notes)
+
+    drawn = corrected_segmentation(scene, volume, SAMPLE_LABEL, MODEL_LABELS, "drawn by hand")
+    set_edited_slices_only(drawn, True)
+    with pytest.raises(FineTuneInputError, match="whole volume reviewed"):
+        gather_inputs([drawn], [], card)

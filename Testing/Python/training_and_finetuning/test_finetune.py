@@ -203,7 +203,8 @@ def test_copy_paste_keeps_every_corrected_voxel():
     confident = (torch.rand(shape, generator=generator) > 0.5).float()
     region = torch.zeros((1, 1, 8, 8, 8), dtype=torch.bool)
     region[..., 2:6, 2:6, 2:6] = True
-    mixed, mixed_labels, weights = copy_paste(images, labels, unlabeled, teacher, confident, region)
+    mixed, mixed_labels, weights = copy_paste(images, labels, torch.ones(shape), unlabeled, teacher, confident,
+                                              region)
     outside = ~region.expand(shape)
     assert torch.equal(mixed_labels[outside], labels[outside]) and bool((weights[outside] == 1).all())
     assert bool((mixed[outside] == 0).all()) and bool((mixed[~outside] == 1).all())
