@@ -930,6 +930,27 @@ class HybridMIMSegmentTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.RemoveNode(reference)
         return volume, segmentation
 
+    def test_only_the_slices_edited_after_segment(self):
+        """With 'Only the slices I edited', the slices where the correction differs from Segment's output are
+        learned from and the others are unreviewed; the choice is kept on the segmentation."""
+        import numpy as np
+        import SimpleITK as sitk
+
+        from hybridmim.partial import UNREVIEWED
+        from HybridMIMSegmentLib.finetuning import edited_slices_only
+
+        volume, segmentation = self._correctedSample()
+        widget = slicer.util.getModuleWidget("HybridMIMSegment")
+        widget.ui.correctedSegmentationsSelector.setCheckState(segmentation, qt.Qt.Checked)
+        widget.ui.editedSlicesOnlyCheckBox.click()
+        self.assertTrue(edited_slices_only(segmentation))
+        inputs = self.logic.prepareFineTune([segmentation])
+        labels = sitk.GetArrayFromImage(inputs.labeled[0][1])
+        reviewed = (labels != UNREVIEWED).any(axis=(1, 2))
+        self.assertTrue(reviewed.any())
+        self.assertTrue(np.array_equal(labels[reviewed], self._labels(segmentation, volume)[reviewed]))
+        self.assertTrue(any("slices you edited" in note for note in inputs.notes))
+
     def test_fine_tune_keeps_corrections_and_revert_restores(self):
         import numpy as np
 
@@ -1018,8 +1039,10 @@ class HybridMIMSegmentTest(ScriptedLoadableModuleTest):
         chart = TrainingPlot(slicer.mrmlScene).chart_node()
         lossTable = slicer.mrmlScene.GetNodeByID(chart.GetNthPlotSeriesNode(0).GetTableNodeID())
         self.assertGreater(lossTable.GetNumberOfRows(), 0)
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), segmentations + 1)
+        # Segment again made a new segmentation and its hidden copy of the model's output
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"), segmentations + 2)
         self.assertIsNot(parameters.outputSegmentation, segmentation)
+        self.assertIsNotNone(parameters.outputSegmentation.GetNodeReference("HybridMIMSegment.ModelOutput"))
         self.assertTrue(np.array_equal(self._labels(segmentation, volume), corrected))
         self.assertEqual(widget.ui.versionSelector.count, 2)
 
