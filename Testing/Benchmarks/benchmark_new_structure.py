@@ -26,6 +26,7 @@ import re
 import shutil
 import statistics
 import sys
+import zlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -126,20 +127,15 @@ def other_scanner(output: Path, seed: int, minutes: float | None, model: str) ->
     """The cardiac model (``model``: id or folder) on ACDC volumes whose intensities were changed as by another
     scanner (a smooth multiplicative bias field, gamma, Rician-like noise; seeded per case), then fine-tuned on 3
     altered training volumes."""
-    import SimpleITK as sitk
 
     from hybridmim.evaluation import evaluate
     from hybridmim.inference import Segmenter
 
     split = task_split("acdc")
     folder = output / "altered" / "imagesTr"
-    folder.mkdir(parents=True, exist_ok=True)
     labeled, _ = choose(split, 3, seed)
-    for index, case in enumerate(labeled + split["held_out"]):
-        path = folder / f"{case}.nii.gz"
-        if not path.exists():
-            image = sitk.ReadImage(str(DATA / "acdc" / "imagesTr" / f"{case}.nii.gz"), sitk.sitkFloat32)
-            sitk.WriteImage(alter(image, np.random.default_rng(1000 + index)), str(path))
+    for case in labeled + split["held_out"]:
+        altered(case, folder)
     held_out = [volume("acdc", c, folder.parent) for c in split["held_out"]]
     segmenter = Segmenter(model, "cpu")
     before = evaluate(segmenter, held_out)
@@ -152,6 +148,19 @@ def other_scanner(output: Path, seed: int, minutes: float | None, model: str) ->
     (output / "other_scanner.json").write_text(json.dumps(row, indent=2) + "\n", encoding="utf-8")
     print(f"{row['model']}: original {original['dice_mean']['mean']:.3f}, altered {before['dice_mean']['mean']:.3f}, "
           f"fine-tuned on 3 altered {after['dice']['mean']:.3f} ({after['steps']} steps)")
+
+
+def altered(case: str, folder: Path) -> Path:
+    """ACDC volume ``case`` as another scanner would show it (``alter``, seeded by the case's name), written once
+    into ``folder``."""
+    import SimpleITK as sitk
+
+    path = folder / f"{case}.nii.gz"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        image = sitk.ReadImage(str(DATA / "acdc" / "imagesTr" / f"{case}.nii.gz"), sitk.sitkFloat32)
+        sitk.WriteImage(alter(image, np.random.default_rng(zlib.crc32(case.encode()))), str(path))
+    return path
 
 
 def alter(image, rng: np.random.Generator):
