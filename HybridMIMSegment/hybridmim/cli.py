@@ -49,13 +49,17 @@ def _say(args: argparse.Namespace) -> Callable[[str], None]:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from .imageio import check_output_path, read_volume, write_labelmap
+    from .imageio import check_image_path, check_output_path, read_volume, write_image, write_labelmap
     from .inference import Segmenter
     from .preview import write_preview
 
     output = check_output_path(args.output, args.input)
     if args.preview:
         check_output_path(args.preview, args.input, suffixes=(".png",))
+    if args.uncertainty_map:
+        check_image_path(args.uncertainty_map, args.input)
+        if Path(args.uncertainty_map).resolve() == Path(args.output).resolve():
+            raise HybridMIMError("--uncertainty-map and --output name the same file")
     volume = read_volume(args.input, args.series)
     segmenter = Segmenter(args.model, args.device)
     say = _say(args)
@@ -67,9 +71,15 @@ def _segment(args: argparse.Namespace) -> int:
             bar.n = round(100 * fraction, 1)
             bar.set_postfix_str(message, refresh=True)
 
-        labelmap, uncertainty = segmenter.segment_and_score(volume, progress)
+        if args.uncertainty_map:
+            labelmap, uncertainty, uncertainty_map = segmenter.segment_with_uncertainty(volume, progress)
+        else:
+            (labelmap, uncertainty), uncertainty_map = segmenter.segment_and_score(volume, progress), None
     written = write_labelmap(labelmap, output, segmenter.card.labels)
     say(f"Segmentation written to {written.resolve()}")
+    map_path = write_image(uncertainty_map, args.uncertainty_map).resolve() if uncertainty_map is not None else None
+    if map_path is not None:
+        say(f"Uncertainty map (0 certain .. 1 guessing) written to {map_path}")
     say(f"Uncertainty {uncertainty:.3f} (0 certain .. 1 guessing, where a structure is likely): "
         "'hybridmim rank' orders volumes by it")
     preview = write_preview(volume, labelmap, segmenter.card.labels, args.preview) if args.preview else None
@@ -78,7 +88,7 @@ def _segment(args: argparse.Namespace) -> int:
     if args.progress == "json":
         emit("result", output=str(written.resolve()), model=str(segmenter.model.folder),
              id=segmenter.card.id, version=segmenter.card.version, device=str(segmenter.device),
-             uncertainty=uncertainty)
+             uncertainty=uncertainty, **({"uncertainty_map": str(map_path)} if map_path else {}))
     return 0
 
 
@@ -315,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--model", default=DEFAULT_MODEL, help=f"model id or folder (default {DEFAULT_MODEL})")
     segment.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda or mps")
     segment.add_argument("--preview", help="also write a PNG with a few slices and the overlay")
+    segment.add_argument("--uncertainty-map", metavar="PATH",
+                         help="also write the model's uncertainty voxel by voxel (normalised entropy, 0 certain .. 1 "
+                              "guessing; float32, the input's geometry): where to look when correcting")
     _add_progress_options(segment)
     segment.set_defaults(run=_segment)
 

@@ -194,8 +194,23 @@ def labels_on_grid(scores: torch.Tensor, grid: ModelGrid, reference: sitk.Image)
     """(C, X, Y, Z) class scores on the model grid -> uint8 argmax labelmap with exactly the reference volume's
     size, spacing, origin and direction. Scores are reoriented back at model resolution (small), so the
     full-resolution labels are written once, already in the file's memory order."""
-    source = grid.reorientation.invert(scores.numpy()).transpose(0, 3, 2, 1)  # (C, k, j, i)
-    labels = resized_argmax(torch.from_numpy(np.ascontiguousarray(source)), reference.GetSize()[::-1])
-    labelmap = sitk.GetImageFromArray(labels)
-    labelmap.CopyInformation(reference)
-    return labelmap
+    labels = resized_argmax(_in_reference_order(scores, grid), reference.GetSize()[::-1])
+    return _on_reference(labels, reference)
+
+
+def values_on_grid(values: torch.Tensor, grid: ModelGrid, reference: sitk.Image) -> sitk.Image:
+    """(X, Y, Z) values on the model grid -> float32 image with exactly the reference volume's geometry
+    (trilinear, the same sampling as the images)."""
+    resized = resize(_in_reference_order(values[None], grid), reference.GetSize()[::-1])[0]
+    return _on_reference(resized.numpy().astype(np.float32), reference)
+
+
+def _in_reference_order(scores: torch.Tensor, grid: ModelGrid) -> torch.Tensor:
+    """(C, X, Y, Z) on the model grid -> (C, k, j, i) in the reference volume's axes, still at model resolution."""
+    return torch.from_numpy(np.ascontiguousarray(grid.reorientation.invert(scores.numpy()).transpose(0, 3, 2, 1)))
+
+
+def _on_reference(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(array)
+    image.CopyInformation(reference)
+    return image

@@ -9,7 +9,7 @@ import shutil
 import struct
 import tempfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from .model_card import Label
 from .staging import probe_new_file, remove_stale_staging
 
 LABELMAP_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+IMAGE_SUFFIXES = LABELMAP_SUFFIXES[1:]  # volumes that are not label maps (e.g. an uncertainty map)
 STAGING_PREFIX = ".hybridmim-"  # a label map is written in such a folder next to its target, then renamed
 
 
@@ -284,13 +285,34 @@ def check_output_path(path: str | os.PathLike, input_path: str | os.PathLike | N
 
 
 def write_labelmap(labelmap: sitk.Image, path: str | os.PathLike, labels: Sequence[Label]) -> Path:
-    """Write a uint8 labelmap as a Slicer ``.seg.nrrd`` (named, coloured segments) or a plain labelmap file.
+    """Write a uint8 labelmap as a Slicer ``.seg.nrrd`` (named, coloured segments) or a plain labelmap file, as
+    ``write_image`` does."""
+    path = check_output_path(path)
+    if not path.name.lower().endswith(".seg.nrrd"):
+        return _write_checked(labelmap, path)
+    return _write_checked(labelmap, path, lambda staged: slicerio.write_segmentation(
+        str(staged), segmentation_dict(labelmap, labels)))
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike) -> Path:
+    """Write a volume (e.g. an uncertainty map) as a plain image file.
 
     The file appears complete or not at all: it is written next to the target, read back and compared with the
-    labelmap (a full disk truncates some formats without an error), and only then renamed into place; a ``.mhd``
+    image (a full disk truncates some formats without an error), and only then renamed into place; a ``.mhd``
     header's data file is moved before the header.
     """
-    path = check_output_path(path)
+    return _write_checked(image, check_image_path(path))
+
+
+def check_image_path(path: str | os.PathLike, input_path: str | os.PathLike | None = None) -> Path:
+    """``check_output_path`` for a volume that is not a label map: a Slicer segmentation name is refused too."""
+    if Path(path).name.lower().endswith(".seg.nrrd"):
+        raise OutputError(f"Cannot write '{Path(path).name}': a .seg.nrrd holds segments, not an image; use one of "
+                          f"{', '.join(IMAGE_SUFFIXES)}")
+    return check_output_path(path, input_path, IMAGE_SUFFIXES)
+
+
+def _write_checked(image: sitk.Image, path: Path, write: Callable[[Path], object] | None = None) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_staging(path.parent, STAGING_PREFIX)
@@ -299,11 +321,11 @@ def write_labelmap(labelmap: sitk.Image, path: str | os.PathLike, labels: Sequen
         raise OutputError(f"Cannot write {path}: {error}") from error
     try:
         staged = staging / path.name
-        if path.name.lower().endswith(".seg.nrrd"):
-            slicerio.write_segmentation(str(staged), segmentation_dict(labelmap, labels))
+        if write is not None:
+            write(staged)
         else:
-            sitk.WriteImage(labelmap, str(staged), useCompression=True)
-        _check_written(staged, labelmap)
+            sitk.WriteImage(image, str(staged), useCompression=True)
+        _check_written(staged, image)
         for data_file in sorted(set(staging.iterdir()) - {staged}):  # a .mhd's .zraw
             os.replace(data_file, path.parent / data_file.name)
         os.replace(staged, path)
@@ -315,7 +337,8 @@ def write_labelmap(labelmap: sitk.Image, path: str | os.PathLike, labels: Sequen
 
 
 def _check_written(staged: Path, labelmap: sitk.Image) -> None:
-    """The staged file reads back as exactly ``labelmap``'s voxels, or OSError (disk full, quota, I/O error)."""
+    """The staged file reads back as exactly ``labelmap``'s (or an image's) voxels, or OSError (disk full, quota,
+    I/O error)."""
     try:
         if staged.name.lower().endswith((".nii", ".nii.gz")):
             _check_nifti_complete(staged)
@@ -324,7 +347,7 @@ def _check_written(staged: Path, labelmap: sitk.Image) -> None:
         raise OSError(f"the written file does not read back; is the disk full? ({_first_line(error)})") from error
     if back.GetSize() != labelmap.GetSize() or not np.array_equal(sitk.GetArrayViewFromImage(back),
                                                                   sitk.GetArrayViewFromImage(labelmap)):
-        raise OSError("the written file does not hold the labels; is the disk full?")
+        raise OSError("the written file does not hold the voxels written; is the disk full?")
 
 
 def ijk_to_lps(image: sitk.Image) -> np.ndarray:

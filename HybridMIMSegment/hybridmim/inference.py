@@ -15,7 +15,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from .errors import HybridMIMError
-from .geometry import labels_on_grid
+from .geometry import labels_on_grid, values_on_grid
 from .imageio import check_output_path, read_volume, write_labelmap
 from .model_card import ModelCard
 from .model_store import LoadedModel, load_model
@@ -23,7 +23,7 @@ from .postprocessing import keep_largest_component
 from .precision import autocast, inference_precision
 from .preprocessing import checked_model_grid, model_input
 from .progress import CancelToken, ProgressCallback, no_progress
-from .uncertainty import uncertainty_score
+from .uncertainty import normalised_entropy, uncertainty_score
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +191,15 @@ class Segmenter:
         """``segment``, and how unsure the model was (``uncertainty_score``, 0-1): to rank volumes for correction."""
         labelmap, probabilities = self._segment(image, progress, cancel)
         return labelmap, uncertainty_score(probabilities)
+
+    def segment_with_uncertainty(self, image: sitk.Image, progress: ProgressCallback = no_progress,
+                                 cancel: CancelToken | None = None) -> tuple[sitk.Image, float, sitk.Image]:
+        """``segment_and_score``, and the uncertainty voxel by voxel (normalised entropy, 0-1, float32) on the
+        volume's exact geometry: a map to overlay on the volume."""
+        labelmap, probabilities = self._segment(image, progress, cancel)
+        grid = checked_model_grid(image, self.card)
+        return (labelmap, uncertainty_score(probabilities),
+                values_on_grid(normalised_entropy(probabilities), grid, image))
 
     def _segment(self, image: sitk.Image, progress: ProgressCallback,
                  cancel: CancelToken | None) -> tuple[sitk.Image, torch.Tensor]:

@@ -67,3 +67,37 @@ def test_segment_reports_the_score(tmp_path, capsys):
     assert main(["segment", str(SAMPLE_IMAGE), "-o", str(output), "--device", "cpu", "--progress", "json"]) == 0
     result = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert result["event"] == "result" and 0 < result["uncertainty"] < 1
+
+
+def test_uncertainty_map_has_the_input_geometry_and_is_high_on_boundaries(tmp_path, capsys):
+    """An oblique, anisotropic input: the map is on its exact grid, 0-1, highest where structures meet the
+    background or each other and near zero far from them."""
+    image = sitk.ReadImage(str(SAMPLE_IMAGE))
+    image.SetSpacing((1.1, 0.9, 1.3))
+    angle = np.radians(20)
+    image.SetDirection((np.cos(angle), -np.sin(angle), 0, np.sin(angle), np.cos(angle), 0, 0, 0, 1))
+    image.SetOrigin((10.0, -5.0, 3.0))
+    source = tmp_path / "oblique.nii.gz"
+    sitk.WriteImage(image, str(source))
+    out, uncertainty = tmp_path / "labels.nii.gz", tmp_path / "uncertainty.nrrd"
+    assert main(["segment", str(source), "-o", str(out), "--uncertainty-map", str(uncertainty), "--device", "cpu",
+                 "--progress", "json"]) == 0
+    result = [json.loads(line) for line in capsys.readouterr().out.splitlines()][-1]
+    assert result["uncertainty_map"] == str(uncertainty.resolve())
+    written, labels = sitk.ReadImage(str(uncertainty)), sitk.ReadImage(str(out))
+    for a in (written, labels):
+        assert a.GetSize() == image.GetSize() and np.allclose(a.GetSpacing(), image.GetSpacing())
+        assert np.allclose(a.GetOrigin(), image.GetOrigin()) and np.allclose(a.GetDirection(), image.GetDirection())
+    values, label_array = sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(labels)
+    assert written.GetPixelID() == sitk.sitkFloat32 and values.min() >= 0 and values.max() <= 1
+    boundary = sitk.GetArrayFromImage(sitk.LabelContour(labels)) > 0
+    far = sitk.GetArrayFromImage(sitk.BinaryDilate(labels > 0, [4, 4, 4])) == 0
+    assert label_array.any() and boundary.any() and far.any()
+    assert values[boundary].mean() > 0.2 > 0.02 > values[far].mean()
+
+
+def test_uncertainty_map_is_not_a_segmentation_file(tmp_path):
+    out = tmp_path / "labels.nii.gz"
+    assert main(["segment", str(SAMPLE_IMAGE), "-o", str(out), "--uncertainty-map",
+                 str(tmp_path / "map.seg.nrrd"), "--device", "cpu"]) == 2
+    assert not any(tmp_path.iterdir())
