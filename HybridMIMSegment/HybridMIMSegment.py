@@ -104,7 +104,7 @@ class HybridMIMSegmentParameterNode:
     segments of the same name instead of adding new ones. fineTuneMethod, fineTuneMinutes: how and how long to
     fine-tune. holdOutForDice: keep the last checked segmentation out of training to measure Dice on it.
     segmentAfterFineTune: segment the input volume with the new version, into a new segmentation, when
-    fine-tuning is done."""
+    fine-tuning is done. showUncertaintyMap: Segment also overlays the model's voxelwise uncertainty."""
 
     inputVolume: vtkMRMLScalarVolumeNode
     model: str = DEFAULT_MODEL
@@ -115,6 +115,7 @@ class HybridMIMSegmentParameterNode:
     fineTuneMinutes: Annotated[float, WithinRange(0.1, 600.0)] = DEFAULT_MINUTES
     holdOutForDice: bool = False
     segmentAfterFineTune: bool = True
+    showUncertaintyMap: bool = False
 
 
 #
@@ -409,7 +410,8 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             p = self._parameterNode
             self._task = self.logic.startSegment(p.inputVolume, model=p.model, device=p.device,
-                                                 segmentationNode=segmentationNode, replace=p.replaceSegments)
+                                                 segmentationNode=segmentationNode, replace=p.replaceSegments,
+                                                 uncertaintyMap=p.showUncertaintyMap)
             self._taskDone, self._taskLabel = self._segmentDone, self.ui.statusLabel
             self.ui.progressBar.value = 0
             self.ui.progressBar.show()
@@ -458,7 +460,18 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     text += " " + _("Uncertainty {value:.3f}.").format(value=task.uncertainty)
                 if task.note:
                     text += " " + _("A new segmentation was made: {why}.").format(why=task.note)
+                if task.uncertainty_node is not None:
+                    self._showUncertaintyMap(task.uncertainty_node)
                 self.ui.statusLabel.text = text
+
+    @staticmethod
+    def _showUncertaintyMap(node) -> None:
+        """Overlay the map on the slice views: 0 (certain) to 1 (guessing) from cold to hot, half transparent."""
+        display = node.GetDisplayNode()
+        display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileColdToHotRainbow.txt")
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(0.0, 1.0)
+        slicer.util.setSliceViewerLayers(foreground=node, foregroundOpacity=0.4)
 
     # Which volume to correct next
 
@@ -702,12 +715,13 @@ class HybridMIMSegmentLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def startSegment(volumeNode, model: str = DEFAULT_MODEL, device: str = "auto", segmentationNode=None,
-                     replace: bool = True):
+                     replace: bool = True, uncertaintyMap: bool = False):
         """Start segmenting; returns a ``SegmentTask``: ``poll()`` it from a timer, then ``apply()`` (main thread)
-        to put the result into the scene. Until then the scene is unchanged; ``cancel()`` keeps it so."""
+        to put the result into the scene (with ``uncertaintyMap``, also the model's voxelwise uncertainty as a
+        volume, ``task.uncertainty_node``). Until then the scene is unchanged; ``cancel()`` keeps it so."""
         from HybridMIMSegmentLib.segmenting import start_segment
 
-        return start_segment(volumeNode, model, device, segmentationNode, replace)
+        return start_segment(volumeNode, model, device, segmentationNode, replace, uncertaintyMap)
 
     @staticmethod
     def rank(volumeNodes, model: str = DEFAULT_MODEL, device: str = "auto"):

@@ -1,4 +1,5 @@
-"""Between MRML nodes and the engine: volume node -> SimpleITK image, labelmap -> segmentation node.
+"""Between MRML nodes and the engine: volume node -> SimpleITK image, labelmap -> segmentation node, image on a
+volume's grid -> volume node.
 
 Uses only MRML data classes (no Qt, no application, no global ``slicer.mrmlScene``), so it runs inside Slicer and,
 for tests, with the ``slicer-core`` package. Geometry is carried exactly: MRML stores RAS, the engine LPS.
@@ -155,16 +156,36 @@ def update_segmentation_node(segmentation_node, labelmap: sitk.Image, labels: Se
         labelmap_node.CopyOrientation(volume_node)
         # in the segmentation's frame too, or Slicer resamples the labels through the transform on import
         labelmap_node.SetAndObserveTransformNodeID(segmentation_node.GetTransformNodeID())
-        image_data = vtk.vtkImageData()
-        image_data.SetDimensions(labelmap.GetSize())
-        image_data.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-        values = numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars())
-        values[:] = sitk.GetArrayViewFromImage(labelmap).astype(np.uint8).ravel()
-        labelmap_node.SetAndObserveImageData(image_data)
+        labelmap_node.SetAndObserveImageData(_image_data(labelmap, vtk.VTK_UNSIGNED_CHAR, np.uint8))
         if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(
                 labelmap_node, segmentation_node, segment_ids):
             raise RuntimeError("Slicer could not import the labelmap into the segmentation")
     return [segment_ids.GetValue(i) for i in range(segment_ids.GetNumberOfValues())]
+
+
+def _image_data(image: sitk.Image, vtk_type: int, dtype: type) -> vtk.vtkImageData:
+    """A vtkImageData holding a copy of ``image``'s voxels (same memory order: i fastest)."""
+    image_data = vtk.vtkImageData()
+    image_data.SetDimensions(image.GetSize())
+    image_data.AllocateScalars(vtk_type, 1)
+    numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars())[:] = \
+        sitk.GetArrayViewFromImage(image).astype(dtype).ravel()
+    return image_data
+
+
+def volume_node_like(volume_node, image: sitk.Image, name: str, node=None):
+    """A scalar volume node (``node``, or a new one named ``name``) holding ``image``, which is on ``volume_node``'s
+    grid, in ``volume_node``'s geometry and frame (same parent transform): e.g. an uncertainty map to overlay."""
+    if tuple(image.GetSize()) != tuple(volume_node.GetImageData().GetDimensions()):
+        raise InputImageError(f"The image does not have the size of volume '{volume_node.GetName()}'")
+    scene = volume_node.GetScene()
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", scene.GenerateUniqueName(name))
+    node.CopyOrientation(volume_node)
+    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    node.SetAndObserveImageData(_image_data(image, vtk.VTK_FLOAT, np.float32))
+    node.CreateDefaultDisplayNodes()
+    return node
 
 
 def labelmap_array_from_segmentation(segmentation_node, segment_ids: Sequence[str], volume_node) -> np.ndarray:

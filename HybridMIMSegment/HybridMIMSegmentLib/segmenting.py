@@ -25,6 +25,7 @@ from .mrml_bridge import (
     labelmap_array_from_segmentation,
     reference_volume_node,
     update_segmentation_node,
+    volume_node_like,
 )
 from .worker import Record, WorkerTask
 
@@ -37,6 +38,8 @@ UNCERTAINTY_ATTRIBUTE = "HybridMIMSegment.Uncertainty"
 #: Node reference to a hidden copy of what Segment wrote (the model's output): the slices a user edits afterwards
 #: are found against it, to fine-tune on those slices only.
 MODEL_OUTPUT_REFERENCE = "HybridMIMSegment.ModelOutput"
+#: Node reference from a segmentation to the uncertainty map volume Segment made with it (reused by the next run).
+UNCERTAINTY_MAP_REFERENCE = "HybridMIMSegment.UncertaintyMap"
 
 Progress = Callable[[float, str], None]
 
@@ -108,12 +111,14 @@ def new_segmentation_node(volume_node, card: ModelCard):
 
 class SegmentTask(WorkerTask):
     """One Segment run. Construct on the main thread (it writes the input and starts the worker), then ``poll``
-    (GUI timer) or ``wait``; ``apply`` puts the result into the scene. ``cancel`` leaves the scene unchanged."""
+    (GUI timer) or ``wait``; ``apply`` puts the result into the scene. ``cancel`` leaves the scene unchanged. With
+    ``uncertainty_map``, ``apply`` also puts the model's voxelwise uncertainty into a volume node
+    (``uncertainty_node``)."""
 
     keep_outputs = True  # the label map is read by ``apply``, which removes the folder
 
     def __init__(self, volume_node, model_folder: str | Path, device: str = "auto", segmentation_node=None,
-                 replace: bool = True) -> None:
+                 replace: bool = True, uncertainty_map: bool = False) -> None:
         self.model_folder = Path(model_folder)
         self.card = ModelCard.load(self.model_folder)
         if self.card.task != "segmentation":
@@ -124,14 +129,16 @@ class SegmentTask(WorkerTask):
         self.note = why_not_reuse(segmentation_node, volume_node)
         self.segmentation_node = None if self.note else segmentation_node
         self.uncertainty: float | None = None  # the model's, once applied (hybridmim.uncertainty)
+        self.uncertainty_map, self.uncertainty_node = uncertainty_map, None
         super().__init__("segment")
         self.image = None  # written; do not hold a second copy of the voxels
 
     def arguments(self, folder: Path) -> list[str]:
         source, self.output = folder / "input.nrrd", folder / "labels.nrrd"
         sitk.WriteImage(self.image, str(source), useCompression=False)
+        map_option = ["--uncertainty-map", str(folder / "uncertainty.nrrd")] if self.uncertainty_map else []
         return ["segment", str(source), "-o", str(self.output), "--model", str(self.model_folder),
-                "--device", self.device]
+                "--device", self.device, *map_option]
 
     def take(self, records: list[Record]) -> None:
         for record in records:
@@ -177,6 +184,12 @@ class SegmentTask(WorkerTask):
             self.uncertainty = (self.process.result or {}).get("uncertainty")
             if self.uncertainty is not None:
                 node.SetAttribute(UNCERTAINTY_ATTRIBUTE, f"{self.uncertainty:.6f}")
+            if self.uncertainty_map:
+                self.uncertainty_node = volume_node_like(
+                    self.volume_node, sitk.ReadImage(str(self.output.parent / "uncertainty.nrrd")),
+                    f"{self.volume_node.GetName()} uncertainty ({self.card.id})",
+                    node.GetNodeReference(UNCERTAINTY_MAP_REFERENCE))
+                node.SetNodeReferenceID(UNCERTAINTY_MAP_REFERENCE, self.uncertainty_node.GetID())
             self.segmentation_node = node
             return node
         finally:
@@ -189,9 +202,9 @@ class SegmentTask(WorkerTask):
 
 
 def start_segment(volume_node, model: str | Path = DEFAULT_MODEL, device: str = "auto", segmentation_node=None,
-                  replace: bool = True) -> SegmentTask:
+                  replace: bool = True, uncertainty_map: bool = False) -> SegmentTask:
     """Start segmenting ``volume_node`` with ``model`` (an id, which means its active version, or a folder)."""
-    return SegmentTask(volume_node, resolve_model(model), device, segmentation_node, replace)
+    return SegmentTask(volume_node, resolve_model(model), device, segmentation_node, replace, uncertainty_map)
 
 
 def segment(volume_node, model: str | Path = DEFAULT_MODEL, device: str = "auto", segmentation_node=None,

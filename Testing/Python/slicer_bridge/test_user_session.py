@@ -23,7 +23,7 @@ from HybridMIMSegmentLib.mrml_bridge import (  # noqa: E402
     labelmap_array_from_segmentation,
     update_segmentation_node,
 )
-from HybridMIMSegmentLib.segmenting import is_corrected, segment, start_segment  # noqa: E402
+from HybridMIMSegmentLib.segmenting import is_corrected, model_output, segment, start_segment  # noqa: E402
 from mrml_helpers import load_volume_node, reshape  # noqa: E402
 
 MODEL = "hippocampus-cnn"
@@ -74,6 +74,7 @@ def test_segment_correct_fine_tune_segment_never_loses_a_correction(scene):
 
     corrected = correct(first, volume, card)
     assert np.array_equal(labels_of(first, volume), corrected) and not np.array_equal(corrected, engine)
+    assert np.array_equal(labels_of(model_output(first), volume), engine)  # what the edits are found against
 
     folder = fine_tune([first], model=MODEL, method="supervised", steps=3, device="cpu")
     assert resolve_model(MODEL) == folder and is_corrected(first)
@@ -85,6 +86,29 @@ def test_segment_correct_fine_tune_segment_never_loses_a_correction(scene):
     new_engine = Segmenter(folder, "cpu").segment(image_from_volume_node(volume))
     assert np.array_equal(labels_of(again, volume), sitk.GetArrayFromImage(new_engine))
     assert again.GetTransformNodeID() == volume.GetTransformNodeID()
+
+
+def test_uncertainty_map_lands_on_the_transformed_volume_and_is_reused(scene):
+    """The map node has the volume's grid and parent transform and holds the engine's map; Segment again into
+    the same segmentation refreshes the same node."""
+    from vtk.util import numpy_support
+
+    volume = transformed_volume(scene)
+    task = start_segment(volume, MODEL, device="cpu", uncertainty_map=True)
+    result = task.finish()
+    node = task.uncertainty_node
+    assert node is not None and node.GetTransformNodeID() == volume.GetTransformNodeID()
+    a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(a)
+    volume.GetIJKToRASMatrix(b)
+    assert all(a.GetElement(r, c) == b.GetElement(r, c) for r in range(4) for c in range(4))
+    dims = node.GetImageData().GetDimensions()
+    values = numpy_support.vtk_to_numpy(node.GetImageData().GetPointData().GetScalars()).reshape(dims[::-1])
+    engine = Segmenter(resolve_model(MODEL), "cpu").segment_with_uncertainty(image_from_volume_node(volume))[2]
+    assert np.allclose(values, sitk.GetArrayFromImage(engine), atol=1e-6) and values.max() > 0.2
+    again = start_segment(volume, MODEL, device="cpu", segmentation_node=result, uncertainty_map=True)
+    again.finish()
+    assert again.uncertainty_node is node
 
 
 def test_a_segmentation_of_another_volume_is_not_rewritten(scene):
