@@ -387,7 +387,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             mark_corrected(node)
         slicesOnly = {edited_slices_only(node) for node in checked}
         self.ui.editedSlicesOnlyCheckBox.enabled = bool(checked)
-        self.ui.editedSlicesOnlyCheckBox.checkState = (qt.Qt.PartiallyChecked if len(slicesOnly) > 1
+        self.ui.editedSlicesOnlyCheckBox.setCheckState(qt.Qt.PartiallyChecked if len(slicesOnly) > 1
                                                        else qt.Qt.Checked if slicesOnly == {True} else qt.Qt.Unchecked)
         self._updateButtons()
 
@@ -951,11 +951,15 @@ class HybridMIMSegmentTest(ScriptedLoadableModuleTest):
         import SimpleITK as sitk
 
         from hybridmim.partial import UNREVIEWED
-        from HybridMIMSegmentLib.finetuning import edited_slices_only
+        from HybridMIMSegmentLib.finetuning import edited_slices_only, set_edited_slices_only
 
         volume, segmentation = self._correctedSample()
         widget = slicer.util.getModuleWidget("HybridMIMSegment")
+        set_edited_slices_only(segmentation, True)  # as a saved scene would bring it back
         widget.ui.correctedSegmentationsSelector.setCheckState(segmentation, qt.Qt.Checked)
+        self.assertEqual(widget.ui.editedSlicesOnlyCheckBox.checkState(), qt.Qt.Checked)
+        widget.ui.editedSlicesOnlyCheckBox.click()
+        self.assertFalse(edited_slices_only(segmentation))
         widget.ui.editedSlicesOnlyCheckBox.click()
         self.assertTrue(edited_slices_only(segmentation))
         inputs = self.logic.prepareFineTune([segmentation])

@@ -143,8 +143,9 @@ def edited_slices_label(segmentation_node, volume_node, structures: Sequence[str
     name = segmentation_node.GetName()
     original = model_output(segmentation_node)
     if original is None:
-        raise FineTuneInputError(f"'{name}' was not made by Segment, so the slices you edited cannot be found: "
-                                 "choose 'whole volume reviewed' for it")
+        raise FineTuneInputError(f"The slices you edited in '{name}' cannot be found: it was not made by Segment, or "
+                                 "Segment's output was not saved with the scene (only a .mrb bundle keeps it). Uncheck "
+                                 "'Only the slices I edited' for it (the whole volume counts as reviewed)")
     partial, reviewed, slices = partly_reviewed(
         label, label_image(original, volume_node, structures, image, missing_ok=True), f"'{name}'")
     return partial, f"'{name}': learning from the {reviewed} of {slices} slices you edited; the rest is unlabelled."

@@ -54,21 +54,26 @@ def is_corrected(segmentation_node) -> bool:
 
 
 def keep_model_output(segmentation_node) -> None:
-    """Keep a hidden copy of the segmentation as Segment wrote it (replacing an earlier copy), saved with the scene."""
+    """Keep a hidden copy of the segmentation as Segment wrote it (replacing an earlier copy). Slicer saves hidden
+    nodes' data only in a scene bundle (.mrb); ``model_output`` tells when it was lost."""
     scene = segmentation_node.GetScene()
     copy = segmentation_node.GetNodeReference(MODEL_OUTPUT_REFERENCE)
     if copy is None:
-        copy = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
-                                       scene.GenerateUniqueName(f"{segmentation_node.GetName()} (model output)"))
-        copy.SetHideFromEditors(True)
+        copy = scene.CreateNodeByClass("vtkMRMLSegmentationNode")
+        copy.UnRegister(None)  # the scene holds it
+        copy.SetName(scene.GenerateUniqueName(f"{segmentation_node.GetName()} (model output)"))
+        copy.SetHideFromEditors(True)  # before it is added: never listed, not even briefly
+        scene.AddNode(copy)
         segmentation_node.SetNodeReferenceID(MODEL_OUTPUT_REFERENCE, copy.GetID())
     copy.SetAndObserveTransformNodeID(segmentation_node.GetTransformNodeID())
     copy.GetSegmentation().DeepCopy(segmentation_node.GetSegmentation())
 
 
 def model_output(segmentation_node):
-    """The hidden copy of what Segment last wrote into ``segmentation_node`` (None if it did not write it)."""
-    return segmentation_node.GetNodeReference(MODEL_OUTPUT_REFERENCE)
+    """The hidden copy of what Segment last wrote into ``segmentation_node``; None if Segment did not write it or
+    the copy's data was not saved with the scene (an empty copy would make every painted slice look edited)."""
+    copy = segmentation_node.GetNodeReference(MODEL_OUTPUT_REFERENCE)
+    return copy if copy is not None and copy.GetSegmentation().GetNumberOfSegments() else None
 
 
 def fingerprint(segmentation_node, volume_node) -> str:

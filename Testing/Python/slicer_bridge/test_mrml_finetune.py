@@ -479,5 +479,8 @@ def test_only_the_slices_edited_after_segment_are_learned_from(scene, card, tmp_
 
     drawn = corrected_segmentation(scene, volume, SAMPLE_LABEL, MODEL_LABELS, "drawn by hand")
     set_edited_slices_only(drawn, True)
-    with pytest.raises(FineTuneInputError, match="whole volume reviewed"):
+    with pytest.raises(FineTuneInputError, match="it was not made by Segment"):
         gather_inputs([drawn], [], card)
+    copy.GetSegmentation().RemoveAllSegments()  # a plain scene save keeps the hidden node but not its data
+    with pytest.raises(FineTuneInputError, match="not saved with the scene"):
+        gather_inputs([node], [], card)
