@@ -63,7 +63,7 @@ def train_supervised(config: dict[str, Any], dataset_json: Path, output: Path, d
     if init:
         init_card, fresh = initialise_from(network, init, card.architecture)
         card.training = {**card.training, "initialisation": f"{init_card.id} {init_card.version} "
-                         f"(sha256 {init_card.weights['sha256'][:12]}...); fresh: {', '.join(fresh)}"}
+                         f"(sha256 {init_card.weights['sha256'][:12]}...); fresh: {', '.join(fresh) or 'none'}"}
         logger.info("initialised from %s; fresh: %s", init, fresh)
 
     log = open(Path(log_dir) / "train_log.jsonl", "a", encoding="utf-8") if log_dir else None  # noqa: SIM115
