@@ -29,6 +29,7 @@ from benchmark_new_structure import altered, choose, fine_tune_and_measure, task
 def main() -> int:
     from hybridmim.evaluation import evaluate
     from hybridmim.inference import Segmenter
+    from hybridmim.settings import DEFAULT_MINUTES
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, required=True)
@@ -62,7 +63,7 @@ def main() -> int:
         if key in done:
             continue
         row = fine_tune_and_measure(args.model, [volume("acdc", case, folder.parent)], [], held_out, None, seed,
-                                    None)
+                                    DEFAULT_MINUTES)
         row.update(key=key, rule=rule, seed=seed, case=case, uncertainty=scores[case], dice_before=before)
         rows.append(row)
         with open(results, "a", encoding="utf-8") as stream:

@@ -58,6 +58,7 @@ def main() -> int:
     import os
 
     from hybridmim.inference import Segmenter
+    from hybridmim.settings import DEFAULT_MINUTES
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, required=True)
@@ -88,7 +89,7 @@ def main() -> int:
                 continue
             labeled = corrected_slices(segmenter, cases, folder, count if kind == "slices" else None)
             row = fine_tune_and_measure(args.model, labeled, [volume("acdc", c, folder.parent) for c in unlabeled],
-                                        held_out, None, seed, None)
+                                        held_out, None, seed, DEFAULT_MINUTES)
             row.update(key=key, kind=kind, count=count, seed=seed, corrected_cases=cases)
             with open(results, "a", encoding="utf-8") as stream:
                 stream.write(json.dumps(row) + "\n")
