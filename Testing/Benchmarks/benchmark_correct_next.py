@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import statistics
 import sys
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from benchmark_new_structure import altered, choose, fine_tune_and_measure, task_split, volume
+from benchmark_new_structure import altered, altered_acdc, choose, fine_tune_and_measure, read_rows, volume
 
 
 def main() -> int:
@@ -37,16 +35,9 @@ def main() -> int:
     parser.add_argument("--pool", type=int, default=8, help="candidate volumes to rank")
     parser.add_argument("--model", default="cardiac-cnn")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    os.environ["HYBRIDMIM_USER_MODELS"] = str(args.output / "models")
-    folder = args.output / "altered" / "imagesTr"
+    split, folder, held_out = altered_acdc(args.output)
     results = args.output / "correct_next.jsonl"
-    rows = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines()] \
-        if results.exists() else []
-    split = task_split("acdc")
-    for case in split["held_out"]:
-        altered(case, folder)
-    held_out = [volume("acdc", case, folder.parent) for case in split["held_out"]]
+    rows = read_rows(results)
     segmenter = Segmenter(args.model, "cpu")
     before = evaluate(segmenter, held_out)["dice_mean"]["mean"]
     _, pool = choose(split, 0, 0)

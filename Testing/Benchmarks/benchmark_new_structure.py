@@ -163,6 +163,23 @@ def altered(case: str, folder: Path) -> Path:
     return path
 
 
+def altered_acdc(output: Path) -> tuple[dict, Path, list]:
+    """Set-up shared by the other-scanner benchmarks: fine-tuned models go under ``output`` (never the user's
+    folder); returns the ACDC split, the folder of altered volumes and the altered held-out volumes."""
+    logging.basicConfig(level=logging.WARNING)
+    os.environ["HYBRIDMIM_USER_MODELS"] = str(output / "models")
+    split = task_split("acdc")
+    folder = output / "altered" / "imagesTr"
+    for case in split["held_out"]:
+        altered(case, folder)
+    return split, folder, [volume("acdc", case, folder.parent) for case in split["held_out"]]
+
+
+def read_rows(results: Path) -> list[dict]:
+    """The JSON rows a resumable benchmark wrote so far."""
+    return [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines()] if results.exists() else []
+
+
 def alter(image, rng: np.random.Generator):
     """Another scanner's intensities: bias field (x0.6-1.4 across the field of view), gamma 0.6-1.6, noise."""
     import SimpleITK as sitk

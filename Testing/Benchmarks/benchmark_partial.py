@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import SimpleITK as sitk
-from benchmark_new_structure import DATA, altered, choose, fine_tune_and_measure, task_split, volume
+from benchmark_new_structure import DATA, altered, altered_acdc, choose, fine_tune_and_measure, read_rows, volume
 
 
 def corrected_slices(segmenter, cases: list[str], folder: Path, budget: int | None) -> list:
@@ -54,8 +54,6 @@ def corrected_slices(segmenter, cases: list[str], folder: Path, budget: int | No
 
 
 def main() -> int:
-    import logging
-    import os
 
     from hybridmim.inference import Segmenter
     from hybridmim.settings import DEFAULT_MINUTES
@@ -67,16 +65,9 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--model", default="cardiac-cnn")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    os.environ["HYBRIDMIM_USER_MODELS"] = str(args.output / "models")
-    folder = args.output / "altered" / "imagesTr"
+    split, folder, held_out = altered_acdc(args.output)
     results = args.output / "partial.jsonl"
-    done = {json.loads(line)["key"] for line in results.read_text(encoding="utf-8").splitlines()} \
-        if results.exists() else set()
-    split = task_split("acdc")
-    held_out = [volume("acdc", c, folder.parent) for c in split["held_out"]]
-    for case in split["held_out"]:
-        altered(case, folder)
+    done = {row["key"] for row in read_rows(results)}
     segmenter = Segmenter(args.model, "cpu")
     for seed in args.seeds:
         chosen, unlabeled = choose(split, 3, seed)
