@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
@@ -27,20 +28,32 @@ _PARTS: dict[str, type[NetworkParts]] = {}
 
 class NetworkParts:
     """A built network run as encoder and decoder separately. ``encode`` gives the features the decoder uses,
-    feature ``i`` at stride ``2**i`` (the last is the bottleneck); ``decode`` takes them, possibly all cropped to
-    one region, and returns the output layer's result for that region. ``head``: the output layer's name."""
+    feature ``i`` at stride ``feature_strides()[i]`` (the last is the bottleneck); ``decode`` takes them, possibly
+    all cropped to one region, and returns the output layer's result for that region. ``fixed_stride``: the
+    bottleneck's stride when the architecture fixes it (patch sides must be multiples of it), None when its
+    arguments choose it."""
 
-    head: str
-    bottleneck_stride: int
+    fixed_stride: int | None = None
 
     def __init__(self, network: nn.Module) -> None:
         self.net: Any = network
+
+    def feature_strides(self) -> list[int]:
+        raise NotImplementedError
+
+    @property
+    def bottleneck_stride(self) -> int:
+        return self.feature_strides()[-1]
 
     def bottleneck_channels(self) -> int:
         raise NotImplementedError
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    def encode_bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """The bottleneck alone (networks whose skip features are not on the way to it override this)."""
+        return self.encode(x)[-1]
 
     def decode(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
@@ -70,7 +83,7 @@ def network_parts(name: str, network: nn.Module) -> NetworkParts:
 def fixed_pooling(name: str) -> int | None:
     """The stride of the bottleneck of a network that pools every axis alike (patch sides must be multiples of
     it), for the networks registered with parts; None for the others."""
-    return _PARTS[name].bottleneck_stride if name in _PARTS else None
+    return _PARTS[name].fixed_stride if name in _PARTS else None
 
 
 def network_names() -> list[str]:
@@ -91,7 +104,49 @@ def _check_known(name: str) -> None:
         raise ModelCardError(f"Unknown network '{name}'; known networks: {', '.join(network_names())}")
 
 
-@register_network("unet")
+class UNetParts(NetworkParts):
+    """MONAI UNet: nested (down, skip(submodule), up) blocks around a stride-1 bottom layer; every level's down
+    layer pools by its stride (the first one too), and the skip concatenates a level's input to the decoder.
+    Pre-training needs the same stride on every axis."""
+
+    def __init__(self, network: nn.Module) -> None:
+        from monai.networks.layers import SkipConnection
+
+        super().__init__(network)
+        self.levels: list[tuple[nn.Module, nn.Module]] = []  # (down, up), outermost first
+        block: Any = self.net.model
+        while isinstance(block, nn.Sequential) and len(block) == 3 and isinstance(block[1], SkipConnection):
+            self.levels.append((block[0], block[2]))
+            block = block[1].submodule
+        self.bottom: nn.Module = block
+        given: list[Any] = list(self.net.strides)
+        if any(not isinstance(s, int) and len(set(s)) > 1 for s in given):
+            raise ModelCardError(f"A UNet with strides {given} pools the axes differently; "
+                                 "HybridMIM pre-training needs the same stride on every axis")
+        strides = [s if isinstance(s, int) else int(s[0]) for s in given]
+        self.strides = [int(math.prod(strides[: i + 1])) for i in range(len(self.levels))]
+
+    def feature_strides(self) -> list[int]:
+        return [*self.strides, self.strides[-1]]  # the bottom layer keeps the last level's stride
+
+    def bottleneck_channels(self) -> int:
+        return int(self.net.channels[-1])
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for down, _ in self.levels:
+            x = down(x)
+            features.append(x)
+        return [*features, self.bottom(x)]
+
+    def decode(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        x = features[-1]
+        for (_, up), skip in zip(reversed(self.levels), reversed(features[:-1])):
+            x = up(torch.cat([skip, x], dim=1))
+        return x
+
+
+@register_network("unet", parts=UNetParts)
 def _unet(in_channels: int, out_channels: int, **args: Any) -> nn.Module:
     from monai.networks.nets import UNet
 
@@ -102,8 +157,10 @@ def _unet(in_channels: int, out_channels: int, **args: Any) -> nn.Module:
 class BasicUNetParts(NetworkParts):
     """MONAI BasicUNet: 4 down-sampling steps; bottleneck at stride 16 (6^3 at 96^3)."""
 
-    head = "final_conv"
-    bottleneck_stride = 16
+    fixed_stride = 16
+
+    def feature_strides(self) -> list[int]:
+        return [1, 2, 4, 8, 16]
 
     def bottleneck_channels(self) -> int:
         return int(self.net.down_4.convs.conv_1.conv.out_channels)
@@ -142,8 +199,10 @@ def _segresnet(in_channels: int, out_channels: int, **args: Any) -> nn.Module:
 class SwinUNETRParts(NetworkParts):
     """MONAI SwinUNETR: Swin encoder to stride 32 (3^3 tokens at 96^3) plus convolutional skip encoders."""
 
-    head = "out"
-    bottleneck_stride = 32
+    fixed_stride = 32
+
+    def feature_strides(self) -> list[int]:
+        return [1, 2, 4, 8, 16, 32]
 
     def bottleneck_channels(self) -> int:
         return int(self.net.encoder10.layer.conv1.conv.out_channels)
@@ -152,6 +211,9 @@ class SwinUNETRParts(NetworkParts):
         hidden = self.net.swinViT(x, self.net.normalize)
         return [self.net.encoder1(x), self.net.encoder2(hidden[0]), self.net.encoder3(hidden[1]),
                 self.net.encoder4(hidden[2]), hidden[3], self.net.encoder10(hidden[4])]
+
+    def encode_bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.encoder10(self.net.swinViT(x, self.net.normalize)[4])
 
     def decode(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         enc0, enc1, enc2, enc3, hid3, dec4 = features

@@ -38,7 +38,8 @@ BACKBONES = {
 
 
 def hybridmim_step(module, optimizer, crops, device, generator) -> None:
-    losses = pretext_losses(module, module, crops, DEFAULTS, generator, device, gather=False)
+    losses = pretext_losses(module, module, crops, torch.ones_like(crops), DEFAULTS, generator, device,
+                            gather=False)
     optimizer.zero_grad(set_to_none=True)
     losses["total"].backward()
     optimizer.step()

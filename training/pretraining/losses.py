@@ -1,6 +1,7 @@
 """HybridMIM losses: pixel level (masked reconstruction of the decoded region), region level (masked-patch count
 and location with a consistency term that has gradients on both sides) and sample level (NT-Xent with the other
-samples of the global batch as negatives)."""
+samples of the global batch as negatives). Region-level terms take weights that leave padding out: a bit per
+patch (0 for a patch of padding only) and the count per sub-volume (0 for a sub-volume of padding only)."""
 
 from __future__ import annotations
 
@@ -15,22 +16,36 @@ def masked_reconstruction_loss(reconstruction: torch.Tensor, target: torch.Tenso
     return squared.sum() / mask.sum().clamp(min=1.0)
 
 
-def count_loss(count_logits: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """(B, S, 9) logits vs (B, S) masked-patch counts."""
-    return F.cross_entropy(count_logits.flatten(0, 1).float(), counts.flatten())
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return values.mean()
+    weights = weights.to(values)
+    return (values * weights).sum() / weights.sum().clamp(min=1.0)
 
 
-def location_loss(location_logits: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """(B, S, 8) logits vs (B, S, 8) masked bits."""
-    return F.binary_cross_entropy_with_logits(location_logits.float(), bits)
+def count_loss(count_logits: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, S, 9) logits vs (B, S) masked-patch counts; ``weights`` (B, S)."""
+    values = F.cross_entropy(count_logits.flatten(0, 1).float(), counts.flatten(), reduction="none")
+    return _weighted_mean(values, None if weights is None else weights.flatten())
 
 
-def consistency_loss(count_logits: torch.Tensor, location_logits: torch.Tensor) -> torch.Tensor:
-    """The count implied by the count head and by the location head should agree; both sides get gradients."""
+def location_loss(location_logits: torch.Tensor, bits: torch.Tensor, weights: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """(B, S, 8) logits vs (B, S, 8) masked bits; ``weights`` (B, S, 8)."""
+    return _weighted_mean(F.binary_cross_entropy_with_logits(location_logits.float(), bits, reduction="none"),
+                          weights)
+
+
+def consistency_loss(count_logits: torch.Tensor, location_logits: torch.Tensor, weights: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """The count implied by the count head and by the location head (over the bits ``weights`` (B, S, 8) keep)
+    should agree; both sides get gradients."""
     classes = torch.arange(count_logits.shape[-1], device=count_logits.device, dtype=torch.float32)
     from_count = (count_logits.float().softmax(-1) * classes).sum(-1)
-    from_location = location_logits.float().sigmoid().sum(-1)
-    return F.mse_loss(from_count, from_location)
+    probabilities = location_logits.float().sigmoid()
+    from_location = (probabilities if weights is None else probabilities * weights.to(probabilities)).sum(-1)
+    kept = None if weights is None else (weights.sum(-1) > 0)
+    return _weighted_mean((from_count - from_location) ** 2, kept)
 
 
 def gather_with_gradient(features: torch.Tensor) -> torch.Tensor:

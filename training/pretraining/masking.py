@@ -4,6 +4,10 @@ A crop of ``grid * patch`` voxels per side is a grid of patches (level 2; author
 96^3 crop). Every 2 x 2 x 2 block of patches is a sub-volume (level 1; 3 x 3 x 3 of 32^3). Per sub-volume the
 targets are how many of its 8 patches are masked and which ones, built by reshaping the patch mask, so they match
 the mask geometrically.
+
+Crops carry a validity mask (1 = inside the volume, 0 = padding). Patches with no valid voxel are never masked and
+carry no target; masked voxels are filled with a value outside the data's [0, 1] range, so the network can tell
+them from padding and from dark tissue.
 """
 
 from __future__ import annotations
@@ -11,15 +15,24 @@ from __future__ import annotations
 import torch
 
 PATCHES_PER_SUBVOLUME = 2  # per side
+MASK_FILL = -1.0  # masked voxels; the data lie in [0, 1] and padding is 0
 
 
-def random_patch_mask(batch: int, grid: int, ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(batch, grid, grid, grid) bool: exactly round(ratio * grid^3) patches masked per sample, chosen uniformly."""
-    count = round(ratio * grid**3)
-    order = torch.rand(batch, grid**3, generator=generator).argsort(1)
-    mask = torch.zeros(batch, grid**3, dtype=torch.bool)
-    mask.scatter_(1, order[:, :count], True)
-    return mask.reshape(batch, grid, grid, grid)
+def random_patch_mask(batch: int, grid: int, ratio: float, generator: torch.Generator | None = None,
+                      allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """(batch, grid, grid, grid) bool: exactly round(ratio * n) of a sample's n ``allowed`` patches (default: all)
+    masked, chosen uniformly among them."""
+    allowed = torch.ones(batch, grid, grid, grid, dtype=torch.bool) if allowed is None else allowed.bool().cpu()
+    allowed = allowed.reshape(batch, grid**3)
+    scores = torch.rand(batch, grid**3, generator=generator).masked_fill(~allowed, 2.0)  # not allowed: last
+    rank = scores.argsort(1).argsort(1)
+    counts = (ratio * allowed.sum(1).double()).round().long()
+    return (rank < counts[:, None]).reshape(batch, grid, grid, grid)
+
+
+def patch_validity(valid: torch.Tensor, mask_patch: int) -> torch.Tensor:
+    """(B, 1, g*p, g*p, g*p) voxel validity -> (B, g, g, g) bool: the patch holds at least one voxel of the volume."""
+    return torch.nn.functional.max_pool3d(valid.float(), mask_patch)[:, 0] > 0
 
 
 def voxel_mask(patch_mask: torch.Tensor, mask_patch: int) -> torch.Tensor:
@@ -30,20 +43,23 @@ def voxel_mask(patch_mask: torch.Tensor, mask_patch: int) -> torch.Tensor:
     return mask[:, None]
 
 
-def apply_mask(images: torch.Tensor, mask: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-    """Replace masked voxels by ``fill`` (authors: 0 in image space)."""
+def apply_mask(images: torch.Tensor, mask: torch.Tensor, fill: float = MASK_FILL) -> torch.Tensor:
+    """Replace masked voxels by ``fill`` (authors: 0, the value of padding and of background)."""
     return images * (1 - mask) + fill * mask
 
 
-def subvolume_targets(patch_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sub-volume: masked-patch count (B, S^3) in 0..8 and masked bits (B, S^3, 8).
-
-    Sub-volume (a, b, c) is index a*S*S + b*S + c; its bit (p, q, r) is index p*4 + q*2 + r and refers to patch
-    (2a+p, 2b+q, 2c+r). The authors' code instead took patches 8i..8i+7 in raster order (not a sub-volume).
-    """
-    batch, grid = patch_mask.shape[0], patch_mask.shape[1]
+def subvolume_bits(patches: torch.Tensor) -> torch.Tensor:
+    """(B, g, g, g) per-patch values -> (B, S^3, 8): sub-volume (a, b, c) is index a*S*S + b*S + c; its bit
+    (p, q, r) is index p*4 + q*2 + r and refers to patch (2a+p, 2b+q, 2c+r). The authors' code instead took
+    patches 8i..8i+7 in raster order (not a sub-volume)."""
+    batch, grid = patches.shape[0], patches.shape[1]
     s, p = grid // PATCHES_PER_SUBVOLUME, PATCHES_PER_SUBVOLUME
-    bits = patch_mask.reshape(batch, s, p, s, p, s, p).permute(0, 1, 3, 5, 2, 4, 6).reshape(batch, s**3, p**3)
+    return patches.reshape(batch, s, p, s, p, s, p).permute(0, 1, 3, 5, 2, 4, 6).reshape(batch, s**3, p**3)
+
+
+def subvolume_targets(patch_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sub-volume: masked-patch count (B, S^3) in 0..8 and masked bits (B, S^3, 8) (``subvolume_bits``)."""
+    bits = subvolume_bits(patch_mask)
     return bits.sum(-1).long(), bits.float()
 
 

@@ -1,8 +1,12 @@
 """The HybridMIM pretext model: a registry backbone (encoder + decoder) with the three pretext heads.
 
 Backbones are used, not modified: the network registry's ``parts`` (``hybridmim.networks.NetworkParts``) give the
-encoder's skip features and bottleneck and run the decoder on features cropped to one region; the reconstruction
-head they name is dropped on export.
+encoder's skip features and bottleneck and run the decoder on features cropped to one region; the output layer
+(the reconstruction head) is dropped on export.
+
+The sample-level embedding is the 27 sub-volume features flattened, through a projection head with batch norm:
+the mean of the bottleneck (the authors' choice) is nearly the same vector for every crop, so the contrastive term
+could not learn from it.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from hybridmim.networks import build_network, network_parts
+from hybridmim.networks import build_network, network_parts, output_layer_names
 
 from .masking import region_slices
 
@@ -30,7 +34,8 @@ class PretextOutput:
 class HybridMIMModel(nn.Module):
     """Backbone + count head + location head + projection head (the heads are dropped on export)."""
 
-    def __init__(self, architecture: str, args: dict, mask_patch: int = 16, projection_dim: int = 384) -> None:
+    def __init__(self, architecture: str, args: dict, mask_patch: int = 16, projection_dim: int = 384,
+                 projection_hidden: int = 512) -> None:
         super().__init__()
         self.architecture, self.args = architecture, dict(args)
         self.mask_patch, self.subvolume = mask_patch, 2 * mask_patch
@@ -45,7 +50,10 @@ class HybridMIMModel(nn.Module):
                              f"{self.parts.bottleneck_stride // 2}")
         self.count_head = nn.Linear(channels, 9)
         self.location_head = nn.Linear(channels, 8)
-        self.projection = nn.Sequential(nn.Linear(channels, channels), nn.GELU(), nn.Linear(channels, projection_dim))
+        regions = (GRID // 2) ** 3
+        self.projection = nn.Sequential(nn.Linear(regions * channels, projection_hidden),
+                                        nn.BatchNorm1d(projection_hidden), nn.ReLU(inplace=True),
+                                        nn.Linear(projection_hidden, projection_dim))
 
     def subvolume_features(self, bottleneck: torch.Tensor) -> torch.Tensor:
         """(B, C, n, n, n) bottleneck -> (B, 27, C): average over each sub-volume's extent (Swin: one token each)."""
@@ -53,8 +61,13 @@ class HybridMIMModel(nn.Module):
         return pooled.flatten(2).transpose(1, 2)
 
     def embed(self, masked: torch.Tensor) -> torch.Tensor:
-        """Sample-level embedding of a masked crop (dropout active in training mode)."""
-        return self.projection(self.parts.encode(masked)[-1].mean((2, 3, 4)))
+        """Sample-level embedding of a masked crop (dropout active in training mode); computes only the encoder's
+        path to the bottleneck."""
+        return self.project(self.subvolume_features(self.parts.encode_bottleneck(masked)))
+
+    def project(self, regions: torch.Tensor) -> torch.Tensor:
+        """(B, 27, C) sub-volume features -> (B, projection_dim) embedding."""
+        return self.projection(regions.flatten(1))
 
     def forward(self, masked: torch.Tensor, corner: tuple[int, int, int]) -> PretextOutput:
         features = self.parts.encode(masked)
@@ -64,14 +77,17 @@ class HybridMIMModel(nn.Module):
             reconstruction=self.decode_region(features, corner),
             count_logits=self.count_head(regions),
             location_logits=self.location_head(regions),
-            embedding=self.projection(bottleneck.mean((2, 3, 4))),
+            embedding=self.project(regions),
         )
 
     def decode_region(self, features: list[torch.Tensor], corner: tuple[int, int, int]) -> torch.Tensor:
         """The decoder on the 2 x 2 x 2 sub-volume block at ``corner`` only: every feature cropped to it."""
-        return self.parts.decode([f[(..., *region_slices(corner, self.subvolume, 2**level))]
-                                  for level, f in enumerate(features)])
+        strides = self.parts.feature_strides()
+        return self.parts.decode([f[(..., *region_slices(corner, self.subvolume, stride))]
+                                  for f, stride in zip(features, strides)])
 
     def backbone_state_without_head(self) -> dict[str, torch.Tensor]:
-        """Encoder and decoder weights for export; the reconstruction head is not a segmentation head."""
-        return {k: v for k, v in self.backbone.state_dict().items() if not k.startswith(self.parts.head + ".")}
+        """Encoder and decoder weights for export: the output layer (what depends on the number of output
+        channels) reconstructs intensities, it is not a segmentation head."""
+        head = output_layer_names(self.architecture, 1, 1, **self.args)
+        return {k: v for k, v in self.backbone.state_dict().items() if k not in head}

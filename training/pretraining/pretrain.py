@@ -29,7 +29,16 @@ from ..config import PretrainConfig, PretrainData, PretrainSettings
 from ..datalist import seeded_split
 from .data import StepCrops, cached_volume, sources_from_datalist, sources_from_folder
 from .losses import consistency_loss, count_loss, location_loss, masked_reconstruction_loss, nt_xent_loss
-from .masking import apply_mask, random_corner, random_patch_mask, region_slices, subvolume_targets, voxel_mask
+from .masking import (
+    apply_mask,
+    patch_validity,
+    random_corner,
+    random_patch_mask,
+    region_slices,
+    subvolume_bits,
+    subvolume_targets,
+    voxel_mask,
+)
 from .pretext import GRID, HybridMIMModel
 
 logger = logging.getLogger(__name__)
@@ -45,13 +54,16 @@ def collect_sources(data: PretrainData) -> list[LabeledVolume]:
     return sources
 
 
-def pretext_losses(model, module: HybridMIMModel, crops: torch.Tensor, settings: PretrainSettings,
-                   generator: torch.Generator, device: torch.device, gather: bool = True) -> dict[str, torch.Tensor]:
-    """All five HybridMIM losses and their weighted total for one batch of crops. ``model`` is the (possibly DDP
-    wrapped) ``module``; ``gather=False`` for work on one rank only (no collective operations)."""
-    patch_mask = random_patch_mask(crops.shape[0], GRID, settings.mask_ratio, generator)
+def pretext_losses(model, module: HybridMIMModel, crops: torch.Tensor, valid: torch.Tensor,
+                   settings: PretrainSettings, generator: torch.Generator, device: torch.device,
+                   gather: bool = True) -> dict[str, torch.Tensor]:
+    """All five HybridMIM losses and their weighted total for one batch of crops and their validity masks.
+    ``model`` is the (possibly DDP wrapped) ``module``; ``gather=False`` for work on one rank only (no collective
+    operations). Padding is never masked and never a target."""
+    patches_valid = patch_validity(valid, module.mask_patch)
+    patch_mask = random_patch_mask(crops.shape[0], GRID, settings.mask_ratio, generator, patches_valid)
     mask = voxel_mask(patch_mask, module.mask_patch).to(device)
-    crops = crops.to(device)
+    crops, valid = crops.to(device), valid.to(device)
     masked = apply_mask(crops, mask)
     corner = random_corner(generator) if settings.region == "random" else (0, 0, 0)
     output = model(masked, corner)
@@ -59,11 +71,14 @@ def pretext_losses(model, module: HybridMIMModel, crops: torch.Tensor, settings:
         positives = module.embed(masked)
     region = (..., *region_slices(corner, module.subvolume))
     counts, bits = subvolume_targets(patch_mask)
+    bit_weights = subvolume_bits(patches_valid).float().to(device)
+    count_weights = (bit_weights.sum(-1) > 0).float()
     losses = {
-        "reconstruction": masked_reconstruction_loss(output.reconstruction, crops[region], mask[region]),
-        "count": count_loss(output.count_logits, counts.to(device)),
-        "location": location_loss(output.location_logits, bits.to(device)),
-        "consistency": consistency_loss(output.count_logits, output.location_logits),
+        "reconstruction": masked_reconstruction_loss(output.reconstruction, crops[region],
+                                                     mask[region] * valid[region]),
+        "count": count_loss(output.count_logits, counts.to(device), count_weights),
+        "location": location_loss(output.location_logits, bits.to(device), bit_weights),
+        "consistency": consistency_loss(output.count_logits, output.location_logits, bit_weights),
         "contrastive": nt_xent_loss(output.embedding, positives, settings.temperature, gather),
     }
     weights = dataclasses.asdict(settings.loss_weights)
@@ -142,14 +157,14 @@ def pretrain(config: dict[str, Any], output: Path, device: str = "auto", resume:
     bar = tqdm(total=last - step, desc=f"HybridMIM {module.architecture}", disable=rank != 0)
     module.train()
     started = time.time()
-    for batch in loader:
+    for batch, valid in loader:
         if step >= last:
             break
         step_seed = settings.seed * 1_000_003 + rank * 7919 + step
         torch.manual_seed(step_seed)  # dropout of this step: identical after a resume
         generator = torch.Generator().manual_seed(step_seed + 1)
         with autocast:
-            losses = pretext_losses(model, module, batch, settings, generator, target)
+            losses = pretext_losses(model, module, batch, valid, settings, generator, target)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         optimizer.step()
@@ -185,11 +200,11 @@ def pretrain(config: dict[str, Any], output: Path, device: str = "auto", resume:
 def _validate(module, cached, settings, target, step, writer, log) -> None:
     """Losses on held-out volumes with fixed crops and masks, so the curve is comparable across steps. Runs on
     rank 0 alone, so it uses the bare module and no collective operation."""
-    crops = StepCrops(cached, module.crop_size, min(len(cached), settings.volumes_per_step),
-                      settings.crops_per_volume, settings.seed + 1, 0, 0, 1)[0]
+    crops, valid = StepCrops(cached, module.crop_size, min(len(cached), settings.volumes_per_step),
+                             settings.crops_per_volume, settings.seed + 1, 0, 0, 1)[0]
     with torch.no_grad():
-        losses = pretext_losses(module, module, crops, settings, torch.Generator().manual_seed(settings.seed),
-                                target, gather=False)
+        losses = pretext_losses(module, module, crops, valid, settings,
+                                torch.Generator().manual_seed(settings.seed), target, gather=False)
     values = {f"validation_{name}": float(value) for name, value in losses.items()}
     log.write(json.dumps({"step": step, **values}) + "\n")
     if writer:

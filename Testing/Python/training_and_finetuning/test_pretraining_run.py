@@ -4,6 +4,7 @@ two processes under torchrun (gloo) train and save, and the export is an engine 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -19,8 +20,19 @@ from hybridmim.finetune import fine_tune
 from hybridmim.model_card import ModelCard
 from hybridmim.model_store import load_model, read_weights
 from hybridmim.preprocessing import normalize_intensity
+from hybridmim.sampling import padded_crop, random_start
 from hybridmim.settings import settings_from
-from hybridmim_training.pretraining.data import StepCrops, cached_volume, intensity_of, sources_from_folder
+from hybridmim_training.pretraining.data import (
+    CONTENT_THRESHOLD,
+    MIN_CONTENT,
+    StepCrops,
+    cached_volume,
+    intensity_of,
+    random_crop,
+    sources_from_folder,
+)
+from hybridmim_training.pretraining.masking import apply_mask, patch_validity, random_patch_mask, voxel_mask
+from hybridmim_training.pretraining.pretext import HybridMIMModel
 from hybridmim_training.pretraining.pretrain import pretrain
 
 SMALL_VOLUMES = [("unlabeled/ct/head_ct_slicer_testing.nrrd", "ct"), ("unlabeled/mri/spine_t2_sct.nii.gz", "mri"),
@@ -69,15 +81,89 @@ def test_ct_in_hounsfield_units_is_windowed_and_mri_is_scaled_robustly():
 
 
 def test_crops_depend_on_seed_rank_and_step_only(volumes, tmp_path):
-    cached = [cached_volume(s, [2.0, 2.0, 2.0], tmp_path / "cache") for s in sources_from_folder(volumes, "MRI")]
+    cached = cached_volumes(volumes, tmp_path)
     first = StepCrops(cached, 48, 2, 2, seed=0, rank=0, first_step=0, total_steps=10)
     resumed = StepCrops(cached, 48, 2, 2, seed=0, rank=0, first_step=6, total_steps=10)
     other_rank = StepCrops(cached, 48, 2, 2, seed=0, rank=1, first_step=0, total_steps=10)
-    assert first[0].shape == (4, 1, 48, 48, 48)
-    assert torch.equal(first[6], resumed[0])
-    assert not torch.equal(first[0], other_rank[0])
+    assert first[0][0].shape == first[0][1].shape == (4, 1, 48, 48, 48)
+    assert all(torch.equal(a, b) for a, b in zip(first[6], resumed[0]))
+    assert not torch.equal(first[0][0], other_rank[0][0])
     loader = torch.utils.data.DataLoader(first, batch_size=None, num_workers=2)
-    assert all(torch.equal(batch, first[i]) for i, batch in enumerate(loader))
+    assert all(torch.equal(crops, first[i][0]) and torch.equal(valid, first[i][1])
+               for i, (crops, valid) in enumerate(loader))
+
+
+UNET = {"name": "unet", "args": {"channels": [8, 16, 32, 64, 64], "strides": [2, 2, 2, 2], "num_res_units": 1,
+                                 "dropout": 0.1}}
+
+
+def cached_volumes(volumes, tmp_path) -> list:
+    """The fixture's volumes at 2 mm, CT and MRI each normalised its own way."""
+    sources = sources_from_folder(volumes / "ct", "CT") + sources_from_folder(volumes / "mri", "MRI")
+    return [cached_volume(s, [2.0, 2.0, 2.0], tmp_path / "cache") for s in sources]
+
+
+def test_crops_carry_their_validity_and_little_content_is_redrawn(volumes, tmp_path):
+    """Real volumes at 2 mm: padding is 0 and marked invalid; a hippocampus crop (smaller than the crop) is
+    mostly padding, flagged as such; a single random draw in a head CT is often mostly air, a redrawn crop never."""
+    cached = cached_volumes(volumes, tmp_path)
+    rng = np.random.default_rng(0)
+    for path in cached:
+        volume = np.load(path)
+        crop, valid = random_crop(volume, 48, rng)
+        assert set(np.unique(valid)) <= {0.0, 1.0} and not crop[valid == 0].any()
+        reachable = np.prod([min(extent, 48) for extent in volume.shape])
+        assert valid.sum() == reachable  # the whole volume when smaller, else a full crop
+    small = np.load(cached[-1])  # hippocampus_006
+    assert min(small.shape) < 48 and random_crop(small, 48, rng)[1].mean() < 0.5
+
+    head = np.load(cached[0])  # the head CT: air around the head; 24^3 crops (48 mm) often land in it
+    redrawn = [(random_crop(head, 24, rng)[0] > CONTENT_THRESHOLD).mean() for _ in range(60)]
+    single = [(padded_crop(head, [random_start(e, 24, rng) for e in head.shape], (24, 24, 24)) > CONTENT_THRESHOLD
+               ).mean() for _ in range(60)]
+    assert np.mean(np.array(single) < MIN_CONTENT) > 0.1 and min(redrawn) >= MIN_CONTENT
+
+
+def test_volumes_are_drawn_in_proportion_to_their_voxels(tmp_path):
+    """Three volumes of 1 : 8 : 27 voxels, each filled with its own value: the draws follow those shares."""
+    paths = []
+    for index, side in enumerate((16, 32, 48)):
+        paths.append(tmp_path / f"volume{index}.npy")
+        np.save(paths[-1], np.full((side, side, side), 0.25 * (index + 1), np.float16))
+    crops = StepCrops(paths, 16, 1, 1, seed=0, rank=0, first_step=0, total_steps=2000)
+    drawn = [int(round(float(crops[i][0].max()) / 0.25)) - 1 for i in range(2000)]
+    shares = np.bincount(drawn, minlength=3) / 2000
+    assert np.allclose(shares, np.array([1, 8, 27]) / 36, atol=0.03)
+
+
+@pytest.mark.slow
+def test_the_positive_pair_is_the_nearest_neighbour_at_random_initialisation(volumes, tmp_path):
+    """Two dropout passes of the same masked real crop are closer to each other than to any other crop: the
+    sample-level task is learnable from the start (with the bottleneck's mean it was not: cosine 0.98 for all)."""
+    crops, valid = StepCrops(cached_volumes(volumes, tmp_path), 48, 4, 2, seed=0, rank=0, first_step=0,
+                             total_steps=1)[0]
+    torch.manual_seed(0)
+    model = HybridMIMModel(UNET["name"], UNET["args"], mask_patch=8).train()
+    generator = torch.Generator().manual_seed(0)
+    mask = voxel_mask(random_patch_mask(8, 6, 0.4, generator, patch_validity(valid, 8)), 8)
+    masked = apply_mask(crops, mask)
+    with torch.no_grad():
+        anchors, positives = model(masked, (0, 0, 0)).embedding, model.embed(masked)
+    features = torch.nn.functional.normalize(torch.cat([anchors, positives]), dim=1)
+    similarity = (features @ features.t()).fill_diagonal_(-2.0)
+    hits = similarity[:8].argmax(1) == torch.arange(8, 16)
+    assert hits.float().mean() > 0.5
+
+
+@pytest.mark.slow
+def test_the_contrastive_term_falls_clearly_below_chance_on_real_volumes(volumes, tmp_path):
+    config = tiny_config(volumes, 40)
+    config["card"]["architecture"] = UNET
+    pretrain(config, tmp_path / "run", device="cpu")
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+    contrastive = [entry["contrastive"] for entry in log if "contrastive" in entry]
+    chance = math.log(2 * 4 - 1)  # 4 crops a step: each has 7 candidates
+    assert len(contrastive) == 40 and np.mean(contrastive[-5:]) < 0.75 * chance
 
 
 @pytest.mark.slow
