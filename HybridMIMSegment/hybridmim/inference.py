@@ -15,7 +15,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from .errors import HybridMIMError
-from .geometry import labels_on_grid, values_on_grid
+from .geometry import ModelGrid, labels_on_grid, values_on_grid
 from .imageio import check_output_path, read_volume, write_labelmap
 from .model_card import ModelCard
 from .model_store import LoadedModel, load_model
@@ -189,20 +189,20 @@ class Segmenter:
     def segment_and_score(self, image: sitk.Image, progress: ProgressCallback = no_progress,
                           cancel: CancelToken | None = None) -> tuple[sitk.Image, float]:
         """``segment``, and how unsure the model was (``uncertainty_score``, 0-1): to rank volumes for correction."""
-        labelmap, probabilities = self._segment(image, progress, cancel)
+        labelmap, probabilities, _ = self._segment(image, progress, cancel)
         return labelmap, uncertainty_score(probabilities)
 
     def segment_with_uncertainty(self, image: sitk.Image, progress: ProgressCallback = no_progress,
                                  cancel: CancelToken | None = None) -> tuple[sitk.Image, float, sitk.Image]:
         """``segment_and_score``, and the uncertainty voxel by voxel (normalised entropy, 0-1, float32) on the
         volume's exact geometry: a map to overlay on the volume."""
-        labelmap, probabilities = self._segment(image, progress, cancel)
-        grid = checked_model_grid(image, self.card)
+        labelmap, probabilities, grid = self._segment(image, progress, cancel)
         return (labelmap, uncertainty_score(probabilities),
                 values_on_grid(normalised_entropy(probabilities), grid, image))
 
     def _segment(self, image: sitk.Image, progress: ProgressCallback,
-                 cancel: CancelToken | None) -> tuple[sitk.Image, torch.Tensor]:
+                 cancel: CancelToken | None) -> tuple[sitk.Image, torch.Tensor, ModelGrid]:
+        """The labelmap on the input's geometry, the class probabilities on the model grid, and that grid."""
         card = self.card
         grid = checked_model_grid(image, card)
         progress(0.0, "preprocessing")
@@ -215,7 +215,7 @@ class Segmenter:
         labelmap = keep_largest_component(labels_on_grid(probabilities, grid, image),
                                           card.inference.get("largest_component", []))
         progress(1.0, "done")
-        return labelmap, probabilities
+        return labelmap, probabilities, grid
 
 
 def segment_file(input_path: str | os.PathLike, output_path: str | os.PathLike, model: str | os.PathLike,
