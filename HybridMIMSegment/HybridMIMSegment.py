@@ -156,6 +156,7 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onNodeRemoved)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.modelSelector.connect("currentIndexChanged(int)", self.onModelSelected)
@@ -200,6 +201,14 @@ class HybridMIMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onCancel()
         self.onCancelFineTune()
         self.setParameterNode(None)
+
+    def onNodeRemoved(self, caller, event) -> None:
+        """A deleted segmentation takes its hidden copy of the model's output along (not while the scene closes:
+        everything goes then)."""
+        from HybridMIMSegmentLib.segmenting import remove_orphaned_model_outputs
+
+        if not slicer.mrmlScene.IsClosing():
+            remove_orphaned_model_outputs(slicer.mrmlScene)
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -946,12 +955,14 @@ class HybridMIMSegmentTest(ScriptedLoadableModuleTest):
 
     def test_only_the_slices_edited_after_segment(self):
         """With 'Only the slices I edited', the slices where the correction differs from Segment's output are
-        learned from and the others are unreviewed; the choice is kept on the segmentation."""
+        learned from and the others are unreviewed; the choice is kept on the segmentation; deleting the
+        segmentation deletes the hidden copy of the model's output."""
         import numpy as np
         import SimpleITK as sitk
 
         from hybridmim.partial import UNREVIEWED
         from HybridMIMSegmentLib.finetuning import edited_slices_only, set_edited_slices_only
+        from HybridMIMSegmentLib.segmenting import MODEL_OUTPUT_REFERENCE
 
         volume, segmentation = self._correctedSample()
         widget = slicer.util.getModuleWidget("HybridMIMSegment")
@@ -968,6 +979,10 @@ class HybridMIMSegmentTest(ScriptedLoadableModuleTest):
         self.assertTrue(reviewed.any())
         self.assertTrue(np.array_equal(labels[reviewed], self._labels(segmentation, volume)[reviewed]))
         self.assertTrue(any("slices you edited" in note for note in inputs.notes))
+        copy = segmentation.GetNodeReference(MODEL_OUTPUT_REFERENCE)
+        self.assertIsNotNone(copy)
+        slicer.mrmlScene.RemoveNode(segmentation)  # the widget's observer removes the hidden copy with it
+        self.assertIsNone(slicer.mrmlScene.GetNodeByID(copy.GetID()))
 
     def test_fine_tune_keeps_corrections_and_revert_restores(self):
         import numpy as np

@@ -38,6 +38,8 @@ UNCERTAINTY_ATTRIBUTE = "HybridMIMSegment.Uncertainty"
 #: Node reference to a hidden copy of what Segment wrote (the model's output): the slices a user edits afterwards
 #: are found against it, to fine-tune on those slices only.
 MODEL_OUTPUT_REFERENCE = "HybridMIMSegment.ModelOutput"
+#: Node attribute marking such a hidden copy, so that it can be removed with its segmentation.
+MODEL_OUTPUT_ATTRIBUTE = "HybridMIMSegment.IsModelOutput"
 #: Node reference from a segmentation to the uncertainty map volume Segment made with it (reused by the next run).
 UNCERTAINTY_MAP_REFERENCE = "HybridMIMSegment.UncertaintyMap"
 
@@ -63,10 +65,24 @@ def keep_model_output(segmentation_node) -> None:
         copy.UnRegister(None)  # the scene holds it
         copy.SetName(scene.GenerateUniqueName(f"{segmentation_node.GetName()} (model output)"))
         copy.SetHideFromEditors(True)  # before it is added: never listed, not even briefly
+        copy.SetAttribute(MODEL_OUTPUT_ATTRIBUTE, "true")
         scene.AddNode(copy)
         segmentation_node.SetNodeReferenceID(MODEL_OUTPUT_REFERENCE, copy.GetID())
     copy.SetAndObserveTransformNodeID(segmentation_node.GetTransformNodeID())
     copy.GetSegmentation().DeepCopy(segmentation_node.GetSegmentation())
+
+
+def remove_orphaned_model_outputs(scene) -> int:
+    """Remove the hidden model-output copies whose segmentation is gone (the user deleted it: the copy is never
+    listed, so nobody else can); returns how many were removed."""
+    nodes = [scene.GetNthNodeByClass(i, "vtkMRMLSegmentationNode")
+             for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode"))]
+    referenced = {node.GetNodeReferenceID(MODEL_OUTPUT_REFERENCE) for node in nodes}
+    orphans = [node for node in nodes
+               if node.GetAttribute(MODEL_OUTPUT_ATTRIBUTE) == "true" and node.GetID() not in referenced]
+    for node in orphans:
+        scene.RemoveNode(node)
+    return len(orphans)
 
 
 def model_output(segmentation_node):

@@ -484,3 +484,20 @@ def test_only_the_slices_edited_after_segment_are_learned_from(scene, card, tmp_
     copy.GetSegmentation().RemoveAllSegments()  # a plain scene save keeps the hidden node but not its data
     with pytest.raises(FineTuneInputError, match="not saved with the scene"):
         gather_inputs([node], [], card)
+
+
+def test_a_deleted_segmentation_takes_its_hidden_model_output_along(scene):
+    from HybridMIMSegmentLib.segmenting import keep_model_output, model_output, remove_orphaned_model_outputs
+
+    volume = load_volume_node(scene, SAMPLE_IMAGE)
+    kept, deleted = (corrected_segmentation(scene, volume, SAMPLE_LABEL, MODEL_LABELS, name)
+                     for name in ("kept", "deleted"))
+    for node in (kept, deleted):
+        keep_model_output(node)
+    kept_copy, deleted_copy = model_output(kept), model_output(deleted)
+    assert remove_orphaned_model_outputs(scene) == 0
+    scene.RemoveNode(deleted)
+    assert remove_orphaned_model_outputs(scene) == 1
+    assert scene.GetNodeByID(deleted_copy.GetID()) is None
+    assert scene.GetNodeByID(kept_copy.GetID()) is kept_copy and model_output(kept) is kept_copy
+    assert scene.GetNodeByID(kept.GetID()) is kept and scene.GetNodeByID(volume.GetID()) is volume
