@@ -119,9 +119,9 @@ def run_fine_tune(plan: FineTunePlan, labeled: Sequence[tuple[ImageSource, Image
     architecture = card.architecture
     torch.manual_seed(settings.seed)  # a re-made output layer starts from the run's seed too
     network = build_network(architecture["name"], card.in_channels, card.out_channels, **architecture.get("args", {}))
-    skip = output_layer_names(architecture["name"], card.in_channels, card.out_channels,
-                              **architecture.get("args", {})) if remake_head else frozenset()
-    fresh = load_matching(network, state, parent.id, skip)
+    head = output_layer_names(architecture["name"], card.in_channels, card.out_channels,
+                              **architecture.get("args", {}))
+    fresh = load_matching(network, state, parent.id, head if remake_head else frozenset())
     before = None
     if validation_volumes and not remake_head:
         status("Measuring the starting model's Dice on the validation volumes")
@@ -129,7 +129,7 @@ def run_fine_tune(plan: FineTunePlan, labeled: Sequence[tuple[ImageSource, Image
     status(f"Fine-tuning {parent.id} {parent.version} with {settings.method} on {target.type}"
            + (f" (new output layer for {', '.join(card.label_names().values())})" if remake_head else ""))
     result = train_network(network, labeled_cases, unlabeled_cases, card.patch_size, settings, target,
-                           validation_cases, progress, cancel, checkpoint)
+                           validation_cases, progress, cancel, checkpoint, head if settings.head_only else None)
 
     if validation_volumes:
         status("Measuring Dice on the validation volumes")

@@ -64,6 +64,7 @@ class TrainSettings:
     gamma_probability: float = 0.0
     noise_probability: float = 0.0
     validate_every: int = 0  # steps between validations on the model grid (0: about ten times per run)
+    head_only: bool = False  # a linear probe: only the output layer learns (what the starting weights encode)
 
     def check(self, unlabeled: int) -> None:
         check_method(self.method, unlabeled)

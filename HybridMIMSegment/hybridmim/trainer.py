@@ -18,7 +18,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -153,10 +153,12 @@ def _load_checkpoint(checkpoint: Checkpoint, settings: TrainSettings, device: to
 def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: Sequence[Case],
                   patch_size: Sequence[int], settings: TrainSettings, device: torch.device,
                   validation: Sequence[Case] = (), progress: Callable[[TrainProgress], None] | None = None,
-                  cancel: CancelToken | None = None, checkpoint: Checkpoint | None = None) -> TrainResult:
+                  cancel: CancelToken | None = None, checkpoint: Checkpoint | None = None,
+                  trainable: Collection[str] | None = None) -> TrainResult:
     """Train ``network`` in place on ``device``; returns what happened. Cancelling raises ``Cancelled`` at the next
     step (the caller writes nothing). With ``checkpoint``, the state is saved every ``checkpoint.every`` steps and,
-    with ``checkpoint.resume``, the run continues from the saved state."""
+    with ``checkpoint.resume``, the run continues from the saved state. ``trainable``: the names of the only
+    parameters that learn (None: all)."""
     settings.check(len(unlabeled))
     method = get_method(settings.method)
     if not labeled:
@@ -173,7 +175,10 @@ def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: 
     unlabeled_sampler = PatchSampler(unlabeled, patch_size, settings.seed + 1, **augment) if unlabeled else None
 
     network.to(device).train()
-    optimizer = torch.optim.AdamW(network.parameters(), lr=settings.learning_rate,
+    if trainable is not None:
+        for name, parameter in network.named_parameters():
+            parameter.requires_grad_(name in trainable)
+    optimizer = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad], lr=settings.learning_rate,
                                   weight_decay=settings.weight_decay)
     autocast = training_autocast(device)
     budget = _Budget(settings.steps, settings.minutes)

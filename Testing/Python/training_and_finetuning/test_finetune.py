@@ -309,3 +309,26 @@ def test_new_structure_on_thick_slices_gets_a_plan_from_its_volumes(shared_data)
     labels = Segmenter(unet, "cpu").segment(image)
     assert labels.GetSize() == image.GetSize() and labels.GetSpacing() == image.GetSpacing()
     assert labels.GetDirection() == image.GetDirection() and labels.GetOrigin() == image.GetOrigin()
+
+
+def test_a_linear_probe_trains_the_output_layer_alone(shared_data):
+    """``head_only`` (the linear probe of the pre-training evidence): la-cnn's UNet learns CHAOS's four labels in a
+    re-made output layer while every other weight stays exactly as it started."""
+    from hybridmim.model_store import read_weights
+
+    settings = settings_from("supervised", steps=3, head_only=True)
+    folder = fine_tune("la-cnn", [chaos_case(shared_data, 1)], settings=settings, label_names=CHAOS_LABELS,
+                       device="cpu")
+    card = ModelCard.load(folder)
+    head = output_layer_names("unet", 1, 5, **card.architecture["args"])
+    _, _, start = read_weights(resolve_model("la-cnn"))
+    _, _, probed = read_weights(folder)
+    kept = [name for name in probed if name not in head]
+    assert kept and all(torch.equal(probed[name].float(), start[name].float()) for name in kept)
+    fresh = [name for name in head if name.endswith("weight")]
+    torch.manual_seed(settings.seed)  # the output layer as the run made it, before training
+    from hybridmim.networks import build_network
+
+    made = build_network("unet", 1, 5, **card.architecture["args"]).state_dict()
+    assert fresh and any(not torch.equal(probed[name].float(), made[name].float()) for name in fresh)
+    assert card.training["settings"]["head_only"] is True
