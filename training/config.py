@@ -116,6 +116,7 @@ class PretrainSettings:
     weight_decay: float = 1e-3
     warmup_steps: int = 500
     save_every: int = 500
+    snapshots: bool = True  # export the model at log-spaced steps (100, 200, 500, 1000, ...) into <output>/snapshots
     validate_every: int = 500
     log_every: int = 10
     workers: int = 2

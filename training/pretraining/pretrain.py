@@ -184,6 +184,9 @@ def pretrain(config: dict[str, Any], output: Path, device: str = "auto", resume:
         if rank == 0 and (step % settings.save_every == 0 or step == last):
             _save_checkpoint(checkpoint_path, step, module, optimizer, scheduler,
                              seconds_before + time.time() - started)
+        if rank == 0 and settings.snapshots and log_spaced(step) and step < settings.steps:
+            export(module, run, train_sources, len(validation_sources), output / "snapshots" / f"step-{step:06d}",
+                   seconds_before + time.time() - started, output, step)
     bar.close()
     if rank == 0:
         log.close()
@@ -221,11 +224,19 @@ def _tensorboard(output: Path):
     return SummaryWriter(str(output / "tensorboard"))
 
 
+def log_spaced(step: int) -> bool:
+    """Steps 100, 200, 500, 1000, 2000, 5000, ...: where snapshots are exported, to measure what longer
+    pre-training buys downstream."""
+    digits = str(step)
+    return step >= 100 and digits[0] in "125" and set(digits[1:]) == {"0"}
+
+
 def export(module: HybridMIMModel, run: PretrainConfig, sources: list[LabeledVolume], held_out: int, folder: Path,
-           seconds: float, output: Path) -> Path:
+           seconds: float, output: Path, steps: int | None = None) -> Path:
     """Encoder + decoder as an engine model folder; the pretext heads and the reconstruction output are dropped.
     The config's card gives the id, names, licence and, optionally, the fine-tuning patch (default: the crop) and
-    inference settings that fine-tunes inherit; the run fills in the rest."""
+    inference settings that fine-tunes inherit; the run fills in the rest. ``steps``: those done when this is a
+    snapshot of an unfinished run."""
     losses = [json.loads(line) for line in (output / "log.jsonl").read_text(encoding="utf-8").splitlines()]
     final = next((entry for entry in reversed(losses) if "total" in entry), {})
     modalities = sorted({s.modality or "MRI" for s in sources})
@@ -237,7 +248,7 @@ def export(module: HybridMIMModel, run: PretrainConfig, sources: list[LabeledVol
         "modality": "+".join(modalities), "task": "pretrained", "labels": [],
         "intensity": {"method": "auto", "window": list(HU_WINDOW), "percentiles": [0.5, 99.5]},
         "weights": {"file": WEIGHTS_FILE, "sha256": ""},
-        "training": {"method": "HybridMIM self-supervised pre-training", "steps": run.settings.steps,
+        "training": {"method": "HybridMIM self-supervised pre-training", "steps": steps or run.settings.steps,
                      "hardware": f"{dist.get_world_size() if dist.is_initialized() else 1} x "
                                  f"{hardware_name(next(module.parameters()).device)}",
                      "command": "hybridmim-train pretrain --config <config>", **template.get("training", {}),

@@ -156,14 +156,18 @@ def test_the_positive_pair_is_the_nearest_neighbour_at_random_initialisation(vol
 
 
 @pytest.mark.slow
-def test_the_contrastive_term_falls_clearly_below_chance_on_real_volumes(volumes, tmp_path):
-    config = tiny_config(volumes, 40)
+def test_the_contrastive_term_falls_clearly_below_chance_and_snapshots_are_log_spaced(volumes, tmp_path):
+    config = tiny_config(volumes, 120)
     config["card"]["architecture"] = UNET
     pretrain(config, tmp_path / "run", device="cpu")
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text(encoding="utf-8").splitlines()]
     contrastive = [entry["contrastive"] for entry in log if "contrastive" in entry]
     chance = math.log(2 * 4 - 1)  # 4 crops a step: each has 7 candidates
-    assert len(contrastive) == 40 and np.mean(contrastive[-5:]) < 0.75 * chance
+    assert len(contrastive) == 120 and np.mean(contrastive[35:40]) < 0.75 * chance  # within a few dozen steps
+    assert [p.name for p in (tmp_path / "run" / "snapshots").iterdir()] == ["step-000100"]
+    snapshot = ModelCard.load(tmp_path / "run" / "snapshots" / "step-000100")
+    assert snapshot.task == "pretrained" and snapshot.training["steps"] == 100
+    assert ModelCard.load(tmp_path / "run" / "model").training["steps"] == 120
 
 
 @pytest.mark.slow
