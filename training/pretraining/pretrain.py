@@ -184,8 +184,10 @@ def pretrain(config: dict[str, Any], output: Path, device: str = "auto", resume:
         if rank == 0 and (step % settings.save_every == 0 or step == last):
             _save_checkpoint(checkpoint_path, step, module, optimizer, scheduler,
                              seconds_before + time.time() - started)
-        if rank == 0 and settings.snapshots and log_spaced(step) and step < settings.steps:
-            export(module, run, train_sources, len(validation_sources), output / "snapshots" / f"step-{step:06d}",
+        snapshot = output / "snapshots" / f"step-{step:06d}"
+        if rank == 0 and settings.snapshots and log_spaced(step) and step < settings.steps \
+                and not snapshot.exists():  # a resumed run passing it again: the same weights (exact resume)
+            export(module, run, train_sources, len(validation_sources), snapshot,
                    seconds_before + time.time() - started, output, step)
     bar.close()
     if rank == 0:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -157,17 +158,27 @@ def test_the_positive_pair_is_the_nearest_neighbour_at_random_initialisation(vol
 
 @pytest.mark.slow
 def test_the_contrastive_term_falls_clearly_below_chance_and_snapshots_are_log_spaced(volumes, tmp_path):
-    config = tiny_config(volumes, 120)
+    """... and a run resumed from before a snapshot (interrupted after it) passes it again without harm."""
+    config = tiny_config(volumes, 120, save_every=90)
     config["card"]["architecture"] = UNET
-    pretrain(config, tmp_path / "run", device="cpu")
-    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text(encoding="utf-8").splitlines()]
+    run = tmp_path / "run"
+    assert pretrain(config, run, device="cpu", stop_after=90) is None
+    saved_at_90 = (run / "checkpoint.pt").read_bytes()
+    pretrain(config, run, device="cpu", resume=True)
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text(encoding="utf-8").splitlines()]
     contrastive = [entry["contrastive"] for entry in log if "contrastive" in entry]
     chance = math.log(2 * 4 - 1)  # 4 crops a step: each has 7 candidates
     assert len(contrastive) == 120 and np.mean(contrastive[35:40]) < 0.75 * chance  # within a few dozen steps
-    assert [p.name for p in (tmp_path / "run" / "snapshots").iterdir()] == ["step-000100"]
-    snapshot = ModelCard.load(tmp_path / "run" / "snapshots" / "step-000100")
+    assert [p.name for p in (run / "snapshots").iterdir()] == ["step-000100"]
+    snapshot = ModelCard.load(run / "snapshots" / "step-000100")
     assert snapshot.task == "pretrained" and snapshot.training["steps"] == 100
-    assert ModelCard.load(tmp_path / "run" / "model").training["steps"] == 120
+    final = load_file(run / "model" / "model.safetensors")
+    assert ModelCard.load(run / "model").training["steps"] == 120
+
+    (run / "checkpoint.pt").write_bytes(saved_at_90)  # as if interrupted between step 100 and the next checkpoint
+    shutil.rmtree(run / "model")
+    again = load_file(pretrain(config, run, device="cpu", resume=True) / "model.safetensors")
+    assert all(torch.equal(final[k], again[k]) for k in final)
 
 
 @pytest.mark.slow
