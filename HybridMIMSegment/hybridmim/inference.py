@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import cast
 
@@ -76,6 +77,26 @@ def window_count(shape: Sequence[int], roi: Sequence[int], overlap: float) -> in
     return count
 
 
+View = Callable[[torch.Tensor], torch.Tensor]
+
+
+def tta_views(inference: dict) -> list[tuple[View, View]]:
+    """The card's test-time augmentation as (view, back) pairs on (B, C, X, Y, Z) tensors: the plain pass, a flip
+    along each ``tta_flip_axes`` axis (models trained with those flips), and 90, 180 and 270 degree rotations about
+    ``tta_rot90_axis`` (models trained with any rotation about it, whose grid is isotropic across it)."""
+    def plain(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    views: list[tuple[View, View]] = [(plain, plain)]
+    for axis in inference.get("tta_flip_axes", []):
+        flip = partial(torch.flip, dims=[int(axis) + 2])
+        views.append((flip, flip))
+    if "tta_rot90_axis" in inference:
+        plane = [a + 2 for a in range(3) if a != int(inference["tta_rot90_axis"])]
+        views += [(partial(torch.rot90, k=k, dims=plane), partial(torch.rot90, k=-k, dims=plane)) for k in (1, 2, 3)]
+    return views
+
+
 class Segmenter:
     """A loaded model ready to segment volumes; reuse it for many volumes to load weights once."""
 
@@ -114,13 +135,13 @@ class Segmenter:
                               cancel: CancelToken | None = None, *, device: torch.device | None = None,
                               window_batch: int | None = None) -> torch.Tensor:
         """(C, X, Y, Z) normalised input on the model grid -> (classes, X, Y, Z) softmax probabilities on the CPU,
-        averaged over the card's test-time flips (``inference.tta_flip_axes``, canonical axes). ``device`` and
+        averaged over the card's test-time views (``tta_views``). ``device`` and
         ``window_batch`` (default: the Segmenter's) are this call's; the network must be on that device."""
         device = device or self.device
         window_batch = window_batch or self.sw_batch_size
         roi = tuple(int(p) for p in self.card.patch_size)
-        flips = [(), *((int(axis),) for axis in self.card.inference.get("tta_flip_axes", []))]
-        total = len(flips) * math.ceil(window_count(volume.shape[1:], roi, self.overlap) / window_batch)
+        views = tta_views(self.card.inference)
+        total = len(views) * math.ceil(window_count(volume.shape[1:], roi, self.overlap) / window_batch)
         done = 0
 
         def predictor(windows: torch.Tensor) -> torch.Tensor:
@@ -137,18 +158,15 @@ class Segmenter:
         output_device = torch.device("cpu") if on_gpu and output_bytes > GPU_OUTPUT_BYTES else device
         probabilities: torch.Tensor | None = None
         with torch.inference_mode(), autocast(device, self.precision_on(device)):
-            for flip in flips:
-                dims = [axis + 2 for axis in flip]
-                flipped = volume[None].to(device).flip(dims) if dims else volume[None].to(device)
-                logits = cast(torch.Tensor, sliding_window_inference(flipped, roi, window_batch, predictor,
-                                                                     overlap=self.overlap, mode=self.blend,
-                                                                     device=output_device))
-                scores = softmax_in_slabs(logits.float())
-                scores = scores.flip(dims) if dims else scores
+            for view, back in views:
+                logits = cast(torch.Tensor, sliding_window_inference(view(volume[None].to(device)), roi, window_batch,
+                                                                     predictor, overlap=self.overlap,
+                                                                     mode=self.blend, device=output_device))
+                scores = back(softmax_in_slabs(logits.float()))
                 probabilities = scores if probabilities is None else probabilities.add_(scores)
-            assert probabilities is not None  # flips always holds the unflipped pass
-            if len(flips) > 1:
-                probabilities.div_(len(flips))
+            assert probabilities is not None  # views always holds the plain pass
+            if len(views) > 1:
+                probabilities.div_(len(views))
         return probabilities[0].cpu()
 
     def _predict_with_fallback(self, volume: torch.Tensor, progress: ProgressCallback,

@@ -288,3 +288,12 @@ def check_schema(data: dict[str, Any], fail: Callable[[str], NoReturn]) -> None:
     flips = inference.get("tta_flip_axes", [])
     if not (isinstance(flips, list) and all(_is_int(a, 0, 2) for a in flips) and len(set(flips)) == len(flips)):
         fail(f"inference.tta_flip_axes must list distinct axes 0, 1 or 2, not {str(flips)[:60]}")
+    if "tta_rot90_axis" in inference:
+        axis = inference["tta_rot90_axis"]
+        if not _is_int(axis, 0, 2):
+            fail(f"inference.tta_rot90_axis must be axis 0, 1 or 2, not {str(axis)[:60]}")
+        spacing = data.get("target_spacing")
+        across = None if spacing is None else [s for a, s in enumerate(spacing) if a != axis]
+        if across is None or not math.isclose(*across, rel_tol=1e-3):
+            fail(f"inference.tta_rot90_axis {axis} needs a target spacing that is the same on the other two axes "
+                 f"(a 90 degree turn), not {spacing}")

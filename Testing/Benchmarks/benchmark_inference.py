@@ -34,7 +34,7 @@ import torch
 from hybridmim.cli import image_label_pair
 from hybridmim.geometry import model_grid
 from hybridmim.imageio import read_volume
-from hybridmim.inference import Segmenter, window_count
+from hybridmim.inference import Segmenter, tta_views, window_count
 from hybridmim.metrics import dice_per_label
 from hybridmim.model_card import ModelCard
 from hybridmim.networks import monai_default_attention
@@ -150,7 +150,7 @@ def network_tflop(path: Path, segmenter: Segmenter) -> float:
     card = segmenter.card
     grid = model_grid(read_volume(path), card.target_spacing)
     windows = window_count(grid.model_shape, card.patch_size, segmenter.overlap)
-    windows *= 1 + len(card.inference.get("tta_flip_axes", []))
+    windows *= len(tta_views(card.inference))
     counter = FlopCounterMode(display=False)
     with counter, torch.inference_mode():
         segmenter.model.network(torch.zeros(1, card.in_channels, *card.patch_size, device=segmenter.device))

@@ -14,7 +14,7 @@ from conftest import BUNDLED_MODEL, SAMPLE_IMAGE
 from hybridmim.cli import main
 from hybridmim.errors import Cancelled, ChecksumError, InputImageError, ModelCardError
 from hybridmim.imageio import read_volume
-from hybridmim.inference import Segmenter, segment_file, window_count
+from hybridmim.inference import Segmenter, segment_file, tta_views, window_count
 from hybridmim.model_card import ModelCard
 from hybridmim.model_store import list_models, load_model, resolve_model, save_model
 from hybridmim.networks import kept_window_masks, monai_default_attention
@@ -283,6 +283,25 @@ def test_test_time_flips_from_the_card_are_applied(segmenter, model_copy):
     assert "window batch 2/2" in messages  # the sample fits one window: two views, two batches
     plain = segmenter.segment(volume)
     assert (sitk.GetArrayFromImage(augmented) == sitk.GetArrayFromImage(plain)).mean() > 0.98
+
+
+def test_test_time_rotations_undo_themselves_and_are_applied(segmenter, model_copy):
+    """Each rotation view's inverse restores the volume (odd sides too); a card asking for rotations about the
+    slice axis runs four views and agrees with the plain run."""
+    volume = torch.arange(2 * 5 * 6 * 7, dtype=torch.float32).reshape(1, 2, 5, 6, 7)
+    views = tta_views({"tta_flip_axes": [1], "tta_rot90_axis": 2})
+    assert len(views) == 5
+    for view, back in views:
+        assert torch.equal(back(view(volume)), volume)
+    assert views[2][0](volume).shape == (1, 2, 6, 5, 7)  # a quarter turn in the plane of axes 0 and 1
+    card = json.loads((model_copy / "card.json").read_text(encoding="utf-8"))
+    card["inference"]["tta_rot90_axis"] = 2  # the sample model's grid is 1 x 1 x 1 mm
+    (model_copy / "card.json").write_text(json.dumps(card), encoding="utf-8")
+    image = read_volume(SAMPLE_IMAGE)
+    messages = []
+    rotated = Segmenter(model_copy, "cpu").segment(image, lambda fraction, message: messages.append(message))
+    assert "window batch 4/4" in messages
+    assert (sitk.GetArrayFromImage(rotated) == sitk.GetArrayFromImage(segmenter.segment(image))).mean() > 0.97
 
 
 def test_upsampling_beyond_memory_is_refused_for_segment_and_fine_tune(tmp_path, monkeypatch):
