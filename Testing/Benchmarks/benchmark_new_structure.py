@@ -39,17 +39,18 @@ HELD_OUT = 8  # held-out volumes evaluated per run (the first of the split)
 UNLABELED = 8
 
 
-def task_split(task: str) -> dict:
-    """The bundled model's validation split (never trained on) and the remaining volumes, as case names."""
+def task_split(task: str, config: str | None = None) -> dict:
+    """The validation split of the task's bundled model (``config``: its training config, default ``TASKS``'s;
+    never trained on) and the remaining volumes, as case names."""
     from hybridmim_training.config import SupervisedConfig
     from hybridmim_training.datalist import read_datalist, split_cases
 
-    config = SupervisedConfig.from_dict(json.loads((REPO / "training" / "configs" / TASKS[task])
-                                                   .read_text(encoding="utf-8")))
-    train, validation = split_cases(read_datalist(DATA / task / "dataset.json"), config.validation_fraction,
-                                    config.settings.seed, config.group_pattern)
+    config_path = REPO / "training" / "configs" / (config or TASKS[task])
+    settings = SupervisedConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+    train, validation = split_cases(read_datalist(DATA / task / "dataset.json"), settings.validation_fraction,
+                                    settings.settings.seed, settings.group_pattern)
     return {"train": [c.name for c in train], "held_out": [c.name for c in validation][:HELD_OUT],
-            "group_pattern": config.group_pattern}
+            "group_pattern": settings.group_pattern}
 
 
 def label_names(task: str) -> list[str]:
@@ -79,16 +80,28 @@ def choose(split: dict, count: int, seed: int) -> tuple[list[str], list[str]]:
 
 
 def fine_tune_and_measure(model: str, labeled: list, unlabeled: list, held_out: list, names: list[str] | None,
-                          seed: int, minutes: float | None) -> dict:
+                          seed: int, minutes: float | None, steps: int | None = None, curve_points: int = 0,
+                          **overrides) -> dict:
+    """Fine-tune with the automatic method (budget: ``minutes`` or ``steps``, default the step cap), then Dice and
+    HD95 on ``held_out``. ``curve_points`` > 0: also the held-out Dice (model grid) at that many evenly spaced steps
+    ("curve"); ``overrides``: other settings (e.g. ``head_only``)."""
     from hybridmim.evaluation import evaluate
     from hybridmim.finetune import fine_tune
     from hybridmim.inference import Segmenter
     from hybridmim.settings import DEFAULT_STEPS, settings_from
 
-    settings = settings_from(None, steps=DEFAULT_STEPS, minutes=minutes, seed=seed, labeled=len(labeled),
-                             unlabeled=len(unlabeled))
+    if curve_points:
+        overrides["validate_every"] = max(1, (steps or DEFAULT_STEPS) // curve_points)
+    settings = settings_from(None, steps=steps or DEFAULT_STEPS, minutes=minutes, seed=seed, labeled=len(labeled),
+                             unlabeled=len(unlabeled), **overrides)
+    curve: list[tuple[int, float]] = []
+    def record(report) -> None:
+        if report.validation_dice is not None:
+            curve.append((report.step, round(report.validation_dice, 4)))
     folder = fine_tune(model, [(v.image, v.label) for v in labeled], [v.image for v in unlabeled], settings,
-                       label_names=names, device="cpu", model_id="bench-new-structure", status=lambda message: None)
+                       validation=[(v.image, v.label) for v in held_out] if curve_points else [],
+                       label_names=names, device="cpu", model_id="bench-new-structure", progress=record,
+                       status=lambda message: None)
     load = os.getloadavg()[0]
     card = json.loads((folder / "card.json").read_text(encoding="utf-8"))
     report = evaluate(Segmenter(folder, "cpu"), held_out)
@@ -96,7 +109,7 @@ def fine_tune_and_measure(model: str, labeled: list, unlabeled: list, held_out: 
     return {"method": card["training"]["method"], "steps": card["training"]["steps"],
             "seconds": card["training"]["time_seconds"], "hardware": card["training"]["hardware"],
             "load": round(load, 2), "target_spacing": card["target_spacing"], "patch_size": card["patch_size"],
-            "dice": report["dice_mean"], "hd95_mm": report["hd95_mean_mm"]}
+            "dice": report["dice_mean"], "hd95_mm": report["hd95_mean_mm"], **({"curve": curve} if curve else {})}
 
 
 def new_structure_runs(args: argparse.Namespace, output: Path) -> None:
