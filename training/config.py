@@ -154,6 +154,9 @@ class PretrainConfig:
             raise ConfigError("The pre-training config's data section names no datalists and no folders")
         settings = PretrainSettings(**pretraining, loss_weights=_check_types(LossWeights(**weights),
                                                                              "pretraining.loss_weights"))
+        if _check_types(settings, "pretraining").volumes_per_step * settings.crops_per_volume < 2:
+            raise ConfigError("pretraining needs at least 2 crops a step (volumes_per_step x crops_per_volume): "
+                              "the contrastive term needs negatives and its projection head normalises over the batch")
         return cls(card=dict(config["card"]), settings=_check_types(settings, "pretraining"),
                    data=_check_types(PretrainData(**data), "data"))
 

@@ -159,8 +159,9 @@ class Segmenter:
         probabilities: torch.Tensor | None = None
         with torch.inference_mode(), autocast(device, self.precision_on(device)):
             for view, back in views:
-                logits = cast(torch.Tensor, sliding_window_inference(view(volume[None].to(device)), roi, window_batch,
-                                                                     predictor, overlap=self.overlap,
+                view_roi = tuple(view(torch.empty(1, 1, *roi, device="meta")).shape[2:])  # a turned patch's sides
+                logits = cast(torch.Tensor, sliding_window_inference(view(volume[None].to(device)), view_roi,
+                                                                     window_batch, predictor, overlap=self.overlap,
                                                                      mode=self.blend, device=output_device))
                 scores = back(softmax_in_slabs(logits.float()))
                 probabilities = scores if probabilities is None else probabilities.add_(scores)

@@ -64,7 +64,9 @@ class TrainSettings:
     gamma_probability: float = 0.0
     noise_probability: float = 0.0
     validate_every: int = 0  # steps between validations on the model grid (0: about ten times per run)
-    head_only: bool = False  # a linear probe: only the output layer learns (what the starting weights encode)
+    # a probe of what the starting weights encode: only the output layer learns (what depends on the number of
+    # classes: for the MONAI UNet its last up-sampling block); frozen layers run in eval mode
+    head_only: bool = False
 
     def check(self, unlabeled: int) -> None:
         check_method(self.method, unlabeled)

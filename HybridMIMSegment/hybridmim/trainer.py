@@ -130,6 +130,17 @@ def validation_dice(network: torch.nn.Module, cases: Sequence[Case], patch_size:
     return float(np.mean(scores))
 
 
+def training_mode(network: torch.nn.Module) -> None:
+    """Train mode for the layers with weights that learn; the others (frozen weights, and weightless layers such
+    as dropout when some weights are frozen) stay in eval mode, so frozen features are the same at every step."""
+    network.train()
+    if all(p.requires_grad for p in network.parameters()):
+        return
+    for module in network.modules():
+        if not any(p.requires_grad for p in module.parameters()):
+            module.eval()
+
+
 def _save_checkpoint(checkpoint: Checkpoint, state: dict[str, Any]) -> None:
     """Write to a temporary file beside it, then rename: a kill leaves the previous checkpoint whole."""
     checkpoint.path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,10 +185,11 @@ def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: 
     labeled_sampler = PatchSampler(labeled, patch_size, settings.seed, **augment)
     unlabeled_sampler = PatchSampler(unlabeled, patch_size, settings.seed + 1, **augment) if unlabeled else None
 
-    network.to(device).train()
+    network.to(device)
     if trainable is not None:
         for name, parameter in network.named_parameters():
             parameter.requires_grad_(name in trainable)
+    training_mode(network)
     optimizer = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad], lr=settings.learning_rate,
                                   weight_decay=settings.weight_decay)
     autocast = training_autocast(device)
@@ -205,6 +217,8 @@ def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: 
     while fraction < 1.0:
         if cancel is not None:
             cancel.raise_if_cancelled()
+        if trainable is not None:
+            training_mode(network)  # again after a validation pass
         learning_rate = settings.learning_rate * min(1.0, (step + 1) / settings.warmup_steps) \
             * 0.5 * (1 + math.cos(math.pi * fraction))
         for group in optimizer.param_groups:

@@ -135,8 +135,9 @@ class StepCrops(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.rank, self.first_step + index])
-        few = np.count_nonzero(self.probabilities) < self.volumes_per_step
-        chosen = rng.choice(len(self.cached), self.volumes_per_step, replace=few, p=self.probabilities)
+        # with replacement, so that the shares follow the sizes; crops of one volume are negatives of each other
+        # anyway (crops_per_volume)
+        chosen = rng.choice(len(self.cached), self.volumes_per_step, p=self.probabilities)
         crops = []
         for volume_index in chosen:
             volume = np.load(self.cached[volume_index], mmap_mode="r")

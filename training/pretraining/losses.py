@@ -62,9 +62,14 @@ def nt_xent_loss(anchors: torch.Tensor, positives: torch.Tensor, temperature: fl
                  gather: bool = True) -> torch.Tensor:
     """NT-Xent over the global batch: anchor i's positive is positive i, every other anchor and positive of every
     rank is a negative (``gather=False``: this rank's batch only, for work done on one rank such as validation).
-    Non-zero for one sample per GPU as soon as there are several GPUs or samples."""
+    Non-zero for one sample per GPU as soon as there are several GPUs or samples. Under DDP the value is scaled by
+    the number of ranks: the gradient reaching a rank's crops flows through its loss alone, and DDP then averages
+    over the ranks."""
+    scale = 1.0
     if gather:
         anchors, positives = gather_with_gradient(anchors), gather_with_gradient(positives)
+        if dist.is_available() and dist.is_initialized():
+            scale = float(dist.get_world_size())  # DDP averages gradients; each rank's reach only its own crops
     anchors = F.normalize(anchors.float(), dim=1)
     positives = F.normalize(positives.float(), dim=1)
     count = anchors.shape[0]
@@ -72,4 +77,4 @@ def nt_xent_loss(anchors: torch.Tensor, positives: torch.Tensor, temperature: fl
     similarity = features @ features.t() / temperature
     similarity.fill_diagonal_(float("-inf"))
     targets = torch.cat([torch.arange(count, 2 * count), torch.arange(count)]).to(similarity.device)
-    return F.cross_entropy(similarity, targets)
+    return scale * F.cross_entropy(similarity, targets)

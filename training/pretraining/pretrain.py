@@ -203,13 +203,19 @@ def pretrain(config: dict[str, Any], output: Path, device: str = "auto", resume:
 
 
 def _validate(module, cached, settings, target, step, writer, log) -> None:
-    """Losses on held-out volumes with fixed crops and masks, so the curve is comparable across steps. Runs on
-    rank 0 alone, so it uses the bare module and no collective operation."""
-    crops, valid = StepCrops(cached, module.crop_size, min(len(cached), settings.volumes_per_step),
-                             settings.crops_per_volume, settings.seed + 1, 0, 0, 1)[0]
+    """Losses on held-out volumes with fixed crops and masks, so the curve is comparable across steps (volumes
+    drawn with replacement: one held-out volume still gives a batch). Runs on rank 0 alone, so it uses the bare
+    module and no collective operation."""
+    crops, valid = StepCrops(cached, module.crop_size, settings.volumes_per_step, settings.crops_per_volume,
+                             settings.seed + 1, 0, 0, 1)[0]
+    module.eval()  # normalisation statistics as learnt, untouched by validation crops ...
+    for layer in module.modules():
+        if isinstance(layer, (torch.nn.Dropout, torch.nn.Dropout2d, torch.nn.Dropout3d)):
+            layer.train()  # ... but dropout on: the contrastive positives are two dropout passes
     with torch.no_grad():
         losses = pretext_losses(module, module, crops, valid, settings,
                                 torch.Generator().manual_seed(settings.seed), target, gather=False)
+    module.train()
     values = {f"validation_{name}": float(value) for name, value in losses.items()}
     log.write(json.dumps({"step": step, **values}) + "\n")
     if writer:

@@ -287,13 +287,16 @@ def test_test_time_flips_from_the_card_are_applied(segmenter, model_copy):
 
 def test_test_time_rotations_undo_themselves_and_are_applied(segmenter, model_copy):
     """Each rotation view's inverse restores the volume (odd sides too); a card asking for rotations about the
-    slice axis runs four views and agrees with the plain run."""
+    slice axis runs four views, turning its 48 x 64 patch with the volume, and agrees with the plain run."""
     volume = torch.arange(2 * 5 * 6 * 7, dtype=torch.float32).reshape(1, 2, 5, 6, 7)
     views = tta_views({"tta_flip_axes": [1], "tta_rot90_axis": 2})
     assert len(views) == 5
     for view, back in views:
         assert torch.equal(back(view(volume)), volume)
+    assert all(not torch.equal(view(volume), volume) for view, _ in views[1:])
     assert views[2][0](volume).shape == (1, 2, 6, 5, 7)  # a quarter turn in the plane of axes 0 and 1
+    assert torch.equal(views[3][0](volume), volume.flip([2, 3]))  # a half turn: both plane axes reversed
+    assert torch.equal(views[2][0](volume)[0, 0, :, :, 0], volume[0, 0, :, :, 0].rot90())
     card = json.loads((model_copy / "card.json").read_text(encoding="utf-8"))
     card["inference"]["tta_rot90_axis"] = 2  # the sample model's grid is 1 x 1 x 1 mm
     (model_copy / "card.json").write_text(json.dumps(card), encoding="utf-8")

@@ -126,13 +126,14 @@ def test_crops_carry_their_validity_and_little_content_is_redrawn(volumes, tmp_p
 
 
 def test_volumes_are_drawn_in_proportion_to_their_voxels(tmp_path):
-    """Three volumes of 1 : 8 : 27 voxels, each filled with its own value: the draws follow those shares."""
+    """Three volumes of 1 : 8 : 27 voxels, each filled with its own value: the draws follow those shares, also
+    with two volumes a step."""
     paths = []
     for index, side in enumerate((16, 32, 48)):
         paths.append(tmp_path / f"volume{index}.npy")
         np.save(paths[-1], np.full((side, side, side), 0.25 * (index + 1), np.float16))
-    crops = StepCrops(paths, 16, 1, 1, seed=0, rank=0, first_step=0, total_steps=2000)
-    drawn = [int(round(float(crops[i][0].max()) / 0.25)) - 1 for i in range(2000)]
+    crops = StepCrops(paths, 16, 2, 1, seed=0, rank=0, first_step=0, total_steps=1000)
+    drawn = [int(round(float(crop.max()) / 0.25)) - 1 for i in range(1000) for crop in crops[i][0]]
     shares = np.bincount(drawn, minlength=3) / 2000
     assert np.allclose(shares, np.array([1, 8, 27]) / 36, atol=0.03)
 
@@ -169,6 +170,7 @@ def test_the_contrastive_term_falls_clearly_below_chance_and_snapshots_are_log_s
     contrastive = [entry["contrastive"] for entry in log if "contrastive" in entry]
     chance = math.log(2 * 4 - 1)  # 4 crops a step: each has 7 candidates
     assert len(contrastive) == 120 and np.mean(contrastive[35:40]) < 0.75 * chance  # within a few dozen steps
+    assert np.mean(contrastive[35:40]) < 0.6 * np.mean(contrastive[:5])  # and it fell: it was learnt
     assert [p.name for p in (run / "snapshots").iterdir()] == ["step-000100"]
     snapshot = ModelCard.load(run / "snapshots" / "step-000100")
     assert snapshot.task == "pretrained" and snapshot.training["steps"] == 100

@@ -51,6 +51,7 @@ def test_a_wrong_supervised_config_is_one_error_naming_the_key(change, message):
     ({"pretraining": {"patch_size": 8}}, "Unknown key(s) in pretraining: 'patch_size'. Known: cache_dir"),
     ({"pretraining": {"loss_weights": {"contrast": 1.0}}}, "pretraining.loss_weights: 'contrast'"),
     ({"pretraining": {"region": "centre"}}, "'random' or 'corner'"),
+    ({"pretraining": {"volumes_per_step": 1, "crops_per_volume": 1}}, "at least 2 crops a step"),
     ({"data": {"folders": []}}, "names no datalists and no folders"),
     ({"data": {"folders": [["ct", 3]]}}, "data.folders must be a list of lists of strings"),
 ])
