@@ -37,14 +37,24 @@ def padded_crop(array: np.ndarray, start: Sequence[int], size: Sequence[int]) ->
     return out
 
 
+def labelled_voxels(label: np.ndarray | None) -> list[np.ndarray]:
+    """Per label the volume holds, the (N, 3) indices of its voxels (none for an unlabelled volume)."""
+    if label is None:
+        return []
+    values = [int(v) for v in np.unique(label) if v not in (0, UNREVIEWED)]
+    return [np.argwhere(label == value) for value in values]
+
+
 class PatchSampler:
     """Draws (image, label) batches of a fixed patch size from cases; for unlabelled cases (``label`` None) the
     label batch is None.
 
     Crops may reach past the volume's edges (zero-filled, as sliding-window inference pads), so a volume smaller
     than the patch appears at random positions: a network that only ever saw it in one corner learns that corner.
-    With probability ``foreground_probability`` a crop is centred on a random labelled voxel; crops of a partly
-    corrected volume are always centred on a reviewed voxel (elsewhere there may be nothing to learn).
+    With probability ``foreground_probability`` a crop is centred on a labelled voxel of a label drawn uniformly
+    among those the volume holds (as nnU-Net oversamples: a random labelled voxel would nearly always be liver,
+    rarely a kidney); crops of a partly corrected volume are always centred on a reviewed voxel (elsewhere there
+    may be nothing to learn).
     """
 
     def __init__(self, cases: Sequence[Case], patch_size: Sequence[int], seed: int,
@@ -72,8 +82,7 @@ class PatchSampler:
         self.labelled = all(label is not None for _, label in self.cases)
         if not self.labelled and any(label is not None for _, label in self.cases):
             raise ValueError("PatchSampler: mix of labelled and unlabelled cases; use one sampler for each")
-        self.foreground = [np.argwhere((label > 0) & (label != UNREVIEWED)) if label is not None
-                           else np.zeros((0, 3), int) for _, label in self.cases]
+        self.foreground = [labelled_voxels(label) for _, label in self.cases]
         self.reviewed = [np.flatnonzero(label != UNREVIEWED) if label is not None and np.any(label == UNREVIEWED)
                          else None for _, label in self.cases]
         self.partial = any(reviewed is not None for reviewed in self.reviewed)
@@ -85,8 +94,9 @@ class PatchSampler:
         low = [min(0, s - p) for s, p in zip(shape, self.patch)]
         high = [max(0, s - p) for s, p in zip(shape, self.patch)]
         foreground = self.foreground[index]
-        if len(foreground) and self.rng.random() < self.foreground_probability:
-            centre = foreground[self.rng.integers(len(foreground))]
+        if foreground and self.rng.random() < self.foreground_probability:
+            voxels = foreground[int(self.rng.integers(len(foreground)))] if len(foreground) > 1 else foreground[0]
+            centre = voxels[self.rng.integers(len(voxels))]
         elif (reviewed := self.reviewed[index]) is not None:
             centre = np.unravel_index(reviewed[self.rng.integers(len(reviewed))], shape)
         else:

@@ -57,6 +57,20 @@ def test_sampler_crops_match_between_image_and_label(shared_data):
                for x, y, z in hits)
 
 
+def test_foreground_crops_are_centred_on_each_label_alike(shared_data):
+    """A real CHAOS volume, where the liver has about 8 times the voxels of a kidney: foreground-centred crops are
+    centred on each of the four labels about equally often, not in proportion to their voxels."""
+    card = ModelCard.load(REPO / "Resources" / "Models" / "abdomen-mri-cnn")  # its planned grid
+    entry = read_datalist(shared_data / "chaos_t2" / "dataset.json")[0]
+    case = load_case(card, entry.image, entry.label)
+    voxels = np.bincount(case.label.ravel(), minlength=5)[1:]
+    assert voxels[0] > 4 * voxels[1:].max()  # the liver dominates the labelled voxels
+    sampler = PatchSampler([case], (1, 1, 1), seed=0, foreground_probability=1.0, intensity_jitter=0)
+    centres = [int(sampler.sample()[1].item()) for _ in range(800)]
+    shares = np.bincount(centres, minlength=5)[1:] / len(centres)
+    assert np.allclose(shares, 0.25, atol=0.05), shares
+
+
 def test_gamma_changes_contrast_not_mean_or_spread_and_noise_leaves_labels(shared_data):
     """Gamma bends the patch's intensity curve, keeping its mean and standard deviation; noise changes every
     voxel; neither moves a label."""
