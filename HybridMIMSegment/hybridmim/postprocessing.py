@@ -54,12 +54,8 @@ def single_piece_labels(label_arrays: Sequence[np.ndarray], values: Iterable[int
     return single
 
 
-def keep_largest_component(labelmap: sitk.Image, values: Iterable[int]) -> sitk.Image:
-    """``labelmap`` with every piece of each of ``values`` but its largest set to background; geometry kept."""
-    values = list(values)
-    if not values:
-        return labelmap
-    labels = sitk.GetArrayFromImage(labelmap)
+def keep_largest_pieces(labels: np.ndarray, values: Iterable[int]) -> bool:
+    """Set every piece of each of ``values`` but its largest to background, in place; True if anything changed."""
     changed = False
     for value in values:
         mask = labels == value
@@ -70,7 +66,16 @@ def keep_largest_component(labelmap: sitk.Image, values: Iterable[int]) -> sitk.
         if stray.any():
             labels[box][stray] = 0
             changed = True
-    if not changed:
+    return changed
+
+
+def keep_largest_component(labelmap: sitk.Image, values: Iterable[int]) -> sitk.Image:
+    """``labelmap`` with every piece of each of ``values`` but its largest set to background; geometry kept."""
+    values = list(values)
+    if not values:
+        return labelmap
+    labels = sitk.GetArrayFromImage(labelmap)
+    if not keep_largest_pieces(labels, values):
         return labelmap
     result = sitk.GetImageFromArray(labels)
     result.CopyInformation(labelmap)

@@ -1,5 +1,6 @@
-"""Random training patches from cases held in memory: foreground-biased crops, rotation/scaling, flips, intensity
-jitter, gamma and Gaussian noise. Used by fine-tuning in the engine and by the offline training package alike."""
+"""Random training patches from cases held in memory: foreground-biased crops, rotation/scaling, flips, quarter
+turns, intensity jitter, gamma and Gaussian noise. Used by fine-tuning in the engine and by the offline training
+package alike."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hybridmim.cases import Case
+from hybridmim.errors import HybridMIMError
 from hybridmim.partial import UNREVIEWED
 
 
@@ -63,8 +65,12 @@ class PatchSampler:
                  scale_range: Sequence[float] = (1, 1),
                  spatial_probability: float = 0.0, gamma_probability: float = 0.0,
                  gamma_range: Sequence[float] = (0.7, 1.5), noise_probability: float = 0.0,
-                 noise_variance: float = 0.1) -> None:
+                 noise_variance: float = 0.1, rot90_axis: int | None = None) -> None:
         self.patch = tuple(int(p) for p in patch_size)
+        self.rot90_plane = None if rot90_axis is None else tuple(a for a in range(3) if a != rot90_axis)
+        if self.rot90_plane is not None and len({self.patch[a] for a in self.rot90_plane}) > 1:
+            raise HybridMIMError(f"Quarter turns about axis {rot90_axis} need equal patch sides across it, not "
+                                 f"{self.patch}")
         self.rotation_degrees = rotation_degrees
         self.rotation_axes = sorted(2 - axis for axis in rotation_axes)  # affine_grid's axes are (Z, Y, X)
         # scaling stays in the planes rotated in (all axes when rotating about all three or none)
@@ -122,6 +128,9 @@ class PatchSampler:
         if self.rng.random() < self.noise_probability:
             sigma = math.sqrt(self.rng.uniform(0, self.noise_variance))
             image = image + self.rng.normal(0, sigma, image.shape)
+        if self.rot90_plane is not None:
+            turns, (first, second) = int(self.rng.integers(4)), self.rot90_plane
+            image, label = np.rot90(image, turns, (first + 1, second + 1)), np.rot90(label, turns, (first, second))
         return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(label)
 
     def _gamma(self, image: np.ndarray) -> np.ndarray:

@@ -9,12 +9,14 @@ confident.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from types import EllipsisType
 
 import torch
 import torch.nn.functional as F
 
 from .partial import UNREVIEWED
+from .postprocessing import keep_largest_pieces
 
 PSEUDO_WEIGHT = 0.5  # weight of a confident pseudo-label, relative to a reviewed voxel
 
@@ -32,10 +34,17 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float)
 
 
 @torch.no_grad()
-def pseudo_labels(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, C, ...) teacher logits -> (B, 1, ...) argmax labels and a 0/1 float mask of voxels whose top softmax
-    probability reaches ``threshold``."""
+def pseudo_labels(logits: torch.Tensor, threshold: float,
+                  single_piece: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, X, Y, Z) teacher logits -> (B, 1, X, Y, Z) argmax labels and a 0/1 float mask of voxels whose top
+    softmax probability reaches ``threshold``. Labels in ``single_piece`` keep only their largest piece in each
+    patch, the rest becomes background (BCP's rule: the teacher's stray islands are its likeliest mistakes)."""
     confidence, labels = logits.float().softmax(1).max(1, keepdim=True)
+    if single_piece:
+        array = labels.cpu().numpy().copy()
+        for patch in array[:, 0]:
+            keep_largest_pieces(patch, single_piece)
+        labels = torch.from_numpy(array).to(logits.device)
     return labels, (confidence >= threshold).float()
 
 

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 
 from .errors import HybridMIMError
-from .methods import AUTOMATIC, check_method, default_method
+from .methods import AUTOMATIC, check_method, default_method, get_method
 
 #: The budget when none is given: whichever comes first. On a 2-core CPU the minutes end it; the
 #: steps are meant to end it on a GPU (the GPU round time is not measured yet: docs/fine-tuning.md).
@@ -50,11 +50,13 @@ class TrainSettings:
     # semi-supervised
     supervised_fraction: float = 0.2
     ema_decay: float = 0.99
-    confidence: float = 0.8
+    confidence: float = 0.8  # pseudo-labels count where the teacher's top probability reaches this (0: everywhere)
+    single_piece_pseudo_labels: bool = False  # labels one piece in every corrected volume: largest piece only
     unlabeled_weight: float = 1.0
     paste_fraction: float = 2 / 3
     # augmentation (see PatchSampler)
     flip_axes: list[int] = field(default_factory=list)
+    rot90_axis: int | None = None  # random quarter turns about this axis (its plane's patch sides must be equal)
     foreground_probability: float = 0.33
     intensity_jitter: float = 0.1
     rotation_degrees: float = 0.0
@@ -75,15 +77,19 @@ class TrainSettings:
             raise HybridMIMError(f"The learning rate must be positive and finite, not {self.learning_rate}")
         if len(set(self.rotation_axes)) != len(self.rotation_axes) or not set(self.rotation_axes) <= {0, 1, 2}:
             raise HybridMIMError(f"rotation_axes must be distinct axes 0, 1, 2, not {self.rotation_axes}")
+        if self.rot90_axis not in (None, 0, 1, 2):
+            raise HybridMIMError(f"rot90_axis must be 0, 1, 2 or none, not {self.rot90_axis}")
         if not 0 <= self.seed < 2**32:
             raise HybridMIMError(f"The seed must be a whole number from 0 to {2**32 - 1}, not {self.seed}")
 
 
 def settings_from(method: str | None = None, steps: int | None = None, minutes: float | None = None,
                   seed: int = 0, labeled: int = 1, unlabeled: int = 0, **overrides) -> TrainSettings:
-    """Fine-tuning settings: the defaults, a method (None or 'auto': ``default_method`` for these counts) and a
-    budget (``DEFAULT_MINUTES`` or ``DEFAULT_STEPS``, whichever comes first, when neither is given)."""
+    """Fine-tuning settings: the defaults, a method (None or 'auto': ``default_method`` for these counts) with its
+    published recipe (``Method.recipe``) under ``overrides``, and a budget (``DEFAULT_MINUTES`` or
+    ``DEFAULT_STEPS``, whichever comes first, when neither is given)."""
     if method in (None, AUTOMATIC):
         method = default_method(labeled, unlabeled)
     steps, minutes = default_budget(steps, minutes)
-    return TrainSettings(method=method, steps=steps, minutes=minutes, seed=seed, **overrides)
+    return TrainSettings(method=method, steps=steps, minutes=minutes, seed=seed,
+                         **{**get_method(method).recipe, **overrides})

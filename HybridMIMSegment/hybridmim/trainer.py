@@ -30,9 +30,11 @@ from monai.inferers import sliding_window_inference
 from .cases import Case
 from .errors import HybridMIMError
 from .inference import DEFAULT_BLEND, DEFAULT_OVERLAP, DEFAULT_WINDOW_BATCH
-from .methods import StepBatch, get_method
+from .methods import LabelledBatch, StepBatch, get_method
 from .methods.supervised import supervised_loss
 from .metrics import dice_per_label
+from .partial import UNREVIEWED
+from .postprocessing import single_piece_labels
 from .precision import training_autocast, training_precision
 from .progress import CancelToken
 from .sampling import PatchSampler
@@ -141,6 +143,13 @@ def training_mode(network: torch.nn.Module) -> None:
             module.eval()
 
 
+def _single_piece(cases: Sequence[Case]) -> list[int]:
+    """The labels that are one piece in every labelled volume holding them (``postprocessing``'s test)."""
+    labels = [case.label for case in cases if case.label is not None]
+    values = set().union(*(np.unique(label).tolist() for label in labels)) - {0, UNREVIEWED}
+    return single_piece_labels(labels, sorted(values))
+
+
 def _save_checkpoint(checkpoint: Checkpoint, state: dict[str, Any]) -> None:
     """Write to a temporary file beside it, then rename: a kill leaves the previous checkpoint whole."""
     checkpoint.path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,9 +190,11 @@ def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: 
         "intensity_jitter": settings.intensity_jitter, "rotation_degrees": settings.rotation_degrees,
         "rotation_axes": settings.rotation_axes,
         "scale_range": settings.scale_range, "spatial_probability": settings.spatial_probability,
-        "gamma_probability": settings.gamma_probability, "noise_probability": settings.noise_probability}
+        "gamma_probability": settings.gamma_probability, "noise_probability": settings.noise_probability,
+        "rot90_axis": settings.rot90_axis}
     labeled_sampler = PatchSampler(labeled, patch_size, settings.seed, **augment)
     unlabeled_sampler = PatchSampler(unlabeled, patch_size, settings.seed + 1, **augment) if unlabeled else None
+    single_piece = _single_piece(labeled) if settings.single_piece_pseudo_labels else []
 
     network.to(device)
     if trainable is not None:
@@ -233,18 +244,23 @@ def train_network(network: torch.nn.Module, labeled: Sequence[Case], unlabeled: 
         with autocast:
             if labeled_sampler.partial and teacher is not None:
                 with torch.no_grad():
-                    labels, weights = reviewed_targets(labels, *pseudo_labels(teacher(images), settings.confidence))
+                    labels, weights = reviewed_targets(labels, *pseudo_labels(teacher(images), settings.confidence,
+                                                                              single_piece))
             else:
                 labels, weights = reviewed_targets(labels)
             if not semi or method.losses is None:
-                losses = {"supervised": supervised_loss(network, images, labels, weights)}
+                if method.warmup is not None:
+                    losses = method.warmup(network, LabelledBatch(images, labels, weights, settings, generator))
+                else:
+                    losses = {"supervised": supervised_loss(network, images, labels, weights)}
             else:
                 # settings.check: a semi-supervised method has unlabelled volumes; the teacher is made above
                 assert unlabeled_sampler is not None and teacher is not None and method.losses is not None
                 unlabeled_images, _ = unlabeled_sampler.batch(settings.unlabeled_batch_size)
                 unlabeled_images = unlabeled_images.to(device)
                 with torch.no_grad():
-                    teacher_labels, confident = pseudo_labels(teacher(unlabeled_images), settings.confidence)
+                    teacher_labels, confident = pseudo_labels(teacher(unlabeled_images), settings.confidence,
+                                                              single_piece)
                 losses = method.losses(network, StepBatch(images, labels, weights, unlabeled_images, teacher_labels,
                                                           confident, settings, fraction, generator))
             loss = cast(torch.Tensor, sum(losses.values()))  # a sum of loss tensors (never empty)

@@ -8,7 +8,11 @@ Plans:
   network of the pretrained model's own architecture and preprocessing (``scratch:``), so that comparison
   differs only in the starting weights.
 - ``interactive``: the product's use: 1, 3 or 5 labelled volumes and 10 unlabelled ones, starting from the bundled
-  model of another structure (hippocampus-cnn: a new output layer is made), at the minutes budget only.
+  model of another structure (hippocampus-cnn: a new output layer is made), at the minutes budget or, with
+  ``--round-steps``, at each method's steps in that many minutes on a quiet machine (so a busy machine can run it).
+
+``--variant TAG JSON`` runs the methods with settings changed (e.g. ``rotflip '{"rot90_axis": 2, "flip_axes":
+[0, 1]}'``); its rows are keyed and reported as ``method [TAG]``.
 
 Dice is measured with the engine's inference on each case's original grid, on the held-out validation cases and
 on (up to) 10 of the run's unlabelled volumes, with the fine-tuned card's post-processing (its row's
@@ -18,6 +22,7 @@ OUTPUT/results.jsonl and is skipped when already there, so an interrupted benchm
     python Testing/Benchmarks/benchmark_finetuning.py --output runs/finetune-benchmark [--plan standard interactive]
         [--subsets 8 4 16] [--interactive 3 1 5] [--seeds 0 1 2] [--steps 600] [--minutes 2] [--pretrained FOLDER]
         [--starts random pretrained scratch] [--methods supervised mean-teacher bcp]
+        [--round-steps supervised=3000 bcp=1900] [--variant TAG JSON]
     python Testing/Benchmarks/benchmark_finetuning.py --output runs/finetune-benchmark --report
 
 Equal-minutes runs are only fair on a machine running nothing else: each row records the load average when its
@@ -83,19 +88,25 @@ def runs(args: argparse.Namespace, cases: dict) -> list[dict]:
                                             "unlabeled": unlabeled, "method": method, "budget": budget,
                                             "seed": seed})
     if "interactive" in args.plan:
+        round_steps = {method: int(steps) for method, _, steps in (item.partition("=") for item in args.round_steps)}
         for count in args.interactive:
             labeled = cases["subsets"][8][:count]
             for seed in args.seeds:
                 for method in args.methods:
+                    budget = ("steps", round_steps[method]) if round_steps else ("minutes", args.minutes)
                     planned.append({"plan": "interactive", "start": "hippocampus-cnn", "labeled": labeled,
                                     "unlabeled": cases["interactive_unlabeled"], "method": method,
-                                    "budget": ("minutes", args.minutes), "seed": seed})
+                                    "budget": budget, "seed": seed})
+    if args.variant:
+        tag, overrides = args.variant[0], json.loads(args.variant[1])
+        planned = [{**run, "variant": tag, "overrides": overrides} for run in planned]
     return planned
 
 
 def run_key(run: dict) -> str:
-    return "|".join(str(x) for x in (run["plan"], run["start"], len(run["labeled"]), run["method"],
-                                     *run["budget"], run["seed"]))
+    method = f"{run['method']} [{run['variant']}]" if run.get("variant") else run["method"]
+    return "|".join(str(x) for x in (run["plan"], run["start"], len(run["labeled"]), method, *run["budget"],
+                                     run["seed"]))
 
 
 def start_model(run: dict, output: Path) -> tuple[str, list[str] | None]:
@@ -139,7 +150,8 @@ def execute(run: dict, data: Path, output: Path, validation: list[str]) -> dict:
     model, label_names = start_model(run, output)
     kind, amount = run["budget"]
     settings = settings_from(run["method"], steps=amount if kind == "steps" else None,
-                             minutes=amount if kind == "minutes" else None, seed=run["seed"])
+                             minutes=amount if kind == "minutes" else None, seed=run["seed"],
+                             **run.get("overrides", {}))
     labeled = [(v.image, v.label) for v in map(volume, run["labeled"])]
     unlabeled = [volume(case).image for case in run["unlabeled"]] if run["method"] != "supervised" else []
     folder = fine_tune(model, labeled, unlabeled, settings, label_names=label_names, device="cpu",
@@ -151,7 +163,8 @@ def execute(run: dict, data: Path, output: Path, validation: list[str]) -> dict:
     on_unlabeled = evaluate(segmenter, [volume(c) for c in run["unlabeled"][:EVALUATED_UNLABELED]])
     shutil.rmtree(folder)
     return {"key": run_key(run), "plan": run["plan"], "start": run["start"], "labeled": len(run["labeled"]),
-            "unlabeled": len(run["unlabeled"]), "method": run["method"], "budget": list(run["budget"]),
+            "unlabeled": len(run["unlabeled"]), "method": run["method"], "variant": run.get("variant"),
+            "budget": list(run["budget"]),
             "seed": run["seed"], "steps": card["training"]["steps"], "seconds": card["training"]["time_seconds"],
             "hardware": card["training"]["hardware"], "load": round(load, 2),
             "largest_component": card.get("inference", {}).get("largest_component", []),
@@ -178,8 +191,9 @@ def report(output: Path, quiet_load: float) -> None:
     rows = [json.loads(line) for line in (output / "results.jsonl").read_text(encoding="utf-8").splitlines()]
     groups = defaultdict(list)
     for row in rows:
+        method = f"{row['method']} [{row['variant']}]" if row.get("variant") else row["method"]
         groups[(row["plan"], row["start"], row["labeled"], f"{row['budget'][1]} {row['budget'][0]}",
-                row["method"])].append(row)
+                method)].append(row)
 
     def spread(values: list[float]) -> str:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -198,7 +212,7 @@ def report(output: Path, quiet_load: float) -> None:
           "| steps | seconds | largest piece |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (plan, start, labeled, budget, method), members in sorted(groups.items(), key=lambda kv: (
-            kv[0][0], kv[0][1], kv[0][2], kv[0][3], METHODS.index(kv[0][4]))):
+            kv[0][0], kv[0][1], kv[0][2], kv[0][3], METHODS.index(kv[0][4].split()[0]), kv[0][4])):
         print(f"| {plan} | {start} | {labeled} | {budget} | {method} | {len(members)} "
               f"| {spread([m['validation_dice'] for m in members])} "
               f"| {spread([m['unlabeled_dice'] for m in members])} "
@@ -250,6 +264,11 @@ def main() -> int:
                         choices=["random", "pretrained", "scratch"],
                         help="standard plan: which starts to run (pretrained and scratch need --pretrained)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--round-steps", nargs="+", default=[], metavar="METHOD=STEPS",
+                        help="interactive plan: a steps budget per method (each method's steps in the round's "
+                             "minutes on a quiet machine) instead of the minutes")
+    parser.add_argument("--variant", nargs=2, metavar=("TAG", "JSON"),
+                        help="settings overriding the methods' own (rows keyed and reported as 'method [TAG]')")
     parser.add_argument("--report", action="store_true", help="print the tables of the runs done so far")
     parser.add_argument("--move-busy", action="store_true",
                         help="move equal-minutes runs that shared the CPU to contended.jsonl (to be run again)")

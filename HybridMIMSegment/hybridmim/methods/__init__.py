@@ -9,8 +9,8 @@ imports torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import HybridMIMError
@@ -41,19 +41,37 @@ class StepBatch:
     generator: torch.Generator
 
 
+@dataclass(frozen=True)
+class LabelledBatch:
+    """What a supervised step works on: labelled patches, their targets and per-voxel weights, the run's settings
+    and the step's random generator."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+    settings: Any  # hybridmim.settings.TrainSettings
+    generator: torch.Generator
+
+
 #: ``(network, batch) -> named losses`` of one semi-supervised step (they are summed).
 SemiSupervisedLosses = Callable[["torch.nn.Module", StepBatch], "dict[str, torch.Tensor]"]
+#: ``(network, batch) -> named losses`` of one step of the supervised phase.
+SupervisedLosses = Callable[["torch.nn.Module", LabelledBatch], "dict[str, torch.Tensor]"]
 
 
 @dataclass(frozen=True)
 class Method:
     """A fine-tuning method. ``losses`` None: supervised only; otherwise the run starts with a supervised phase
-    and then calls ``losses`` with an EMA teacher's pseudo-labels (``hybridmim.trainer``)."""
+    (``warmup``'s losses; None: plain Dice + cross-entropy) and then calls ``losses`` with an EMA teacher's
+    pseudo-labels (``hybridmim.trainer``). ``recipe``: the settings the method's published recipe uses, which
+    ``settings.settings_from`` applies unless the caller overrides them."""
 
     name: str  # as typed on the command line and stored in cards
     label: str  # as shown in the Slicer panel
     tooltip: str
     losses: SemiSupervisedLosses | None = None
+    warmup: SupervisedLosses | None = None
+    recipe: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def needs_unlabeled(self) -> bool:

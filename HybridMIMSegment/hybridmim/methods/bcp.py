@@ -1,11 +1,13 @@
-"""BCP, bidirectional copy-paste: a box of an unlabelled patch is pasted into a labelled one and the reverse;
-labelled voxels keep their reference labels, pasted unlabelled voxels get the teacher's labels at a lower weight."""
+"""BCP, bidirectional copy-paste (Bai et al., CVPR 2023): a box of one patch is pasted into another and the reverse.
+The supervised phase pastes between labelled patches; then a box of an unlabelled patch goes into a labelled one and
+the reverse: labelled voxels keep their reference labels (weight 1), pasted unlabelled voxels get the EMA teacher's
+labels (weight 0.5; the recipe takes every voxel's argmax, one-piece structures reduced to their largest piece)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import Method, StepBatch
+from . import LabelledBatch, Method, StepBatch
 
 if TYPE_CHECKING:
     import torch
@@ -26,5 +28,21 @@ def losses(network: torch.nn.Module, batch: StepBatch) -> dict[str, torch.Tensor
     return named
 
 
+def warmup(network: torch.nn.Module, batch: LabelledBatch) -> dict[str, torch.Tensor]:
+    """Labelled copy-paste: each patch gets a box of the next one (two patches: both directions), labels and
+    weights alike, so the network sees pasted edges before it sees them between labelled and unlabelled voxels."""
+    import torch
+
+    from ..semisupervised import box_mask, mix, weighted_dice_ce
+
+    images, labels, weights = batch.images, batch.labels, batch.weights
+    box = box_mask(tuple(images.shape[2:]), batch.settings.paste_fraction, batch.generator).to(images.device)
+    other = torch.roll(torch.arange(images.shape[0]), 1)
+    mixed = weighted_dice_ce(network(mix(images[other], images, box)), mix(labels[other], labels, box),
+                             mix(weights[other], weights, box))
+    return {"supervised": mixed}
+
+
 METHOD: Method = Method("bcp", "BCP", "Bidirectional copy-paste: boxes are swapped between corrected and unlabelled "
-                        "volumes; the averaged copy labels the pasted unlabelled voxels.", losses)
+                        "volumes; the averaged copy labels the pasted unlabelled voxels.", losses, warmup,
+                        recipe={"confidence": 0.0, "single_piece_pseudo_labels": True})

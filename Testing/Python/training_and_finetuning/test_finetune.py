@@ -231,6 +231,56 @@ def test_weighted_loss_ignores_zero_weight_voxels_and_pseudo_labels_threshold():
     assert pseudo.flatten().tolist() == [1, 0] and mask.flatten().tolist() == [1.0, 0.0]
 
 
+def test_single_piece_pseudo_labels_keep_the_largest_piece_of_one_piece_structures_only():
+    """BCP's pseudo-label rule: a one-piece structure's stray island becomes background; a structure that may be
+    several pieces keeps them all; with threshold 0 every voxel counts."""
+    logits = torch.zeros(1, 3, 12, 12, 12)
+    logits[0, 0] = 1.0
+    logits[0, 1, 1:5, 1:5, 1:5] = 3.0  # label 1: a 4^3 cube...
+    logits[0, 1, 8:10, 8:10, 8:10] = 3.0  # ...and a 2^3 island
+    logits[0, 2, 1:3, 8:11, 1:3] = 3.0  # label 2: two pieces, both kept
+    logits[0, 2, 8:10, 1:3, 8:10] = 3.0
+    labels, confident = pseudo_labels(logits, 0.0, single_piece=[1])
+    assert int((labels == 1).sum()) == 64 and int(labels[0, 0, 8, 8, 8]) == 0
+    assert int((labels == 2).sum()) == 12 + 8 and bool((confident == 1).all())
+    plain, _ = pseudo_labels(logits, 0.0)
+    assert int((plain == 1).sum()) == 72
+
+
+def test_bcp_recipe_and_labelled_copy_paste_warmup(monkeypatch):
+    """settings_from gives BCP its published pseudo-label rule unless overridden; its supervised phase trains on
+    pairs of labelled patches with a box swapped between them, labels and weights alike."""
+    from hybridmim.methods import LabelledBatch, get_method
+
+    settings = settings_from("bcp", steps=10, labeled=1, unlabeled=1)
+    assert settings.confidence == 0.0 and settings.single_piece_pseudo_labels
+    assert settings_from("bcp", steps=10, labeled=1, unlabeled=1, confidence=0.9).confidence == 0.9
+    assert settings_from("mean-teacher", steps=10, labeled=1, unlabeled=1).confidence == 0.8
+    images = torch.stack([torch.zeros(1, 8, 8, 8), torch.ones(1, 8, 8, 8)])
+    labels = torch.stack([torch.zeros(1, 8, 8, 8), torch.ones(1, 8, 8, 8)]).long()
+    weights = torch.stack([torch.ones(1, 8, 8, 8), torch.zeros(1, 8, 8, 8)])
+    seen = {}
+    import hybridmim.semisupervised as semisupervised
+
+    original = semisupervised.weighted_dice_ce
+
+    def spy(logits, mixed_labels, mixed_weights):
+        seen.update(labels=mixed_labels, weights=mixed_weights)
+        return original(logits, mixed_labels, mixed_weights)
+
+    monkeypatch.setattr(semisupervised, "weighted_dice_ce", spy)
+    inputs = []
+    network = torch.nn.Conv3d(1, 2, 1)
+    network.register_forward_hook(lambda module, args, output: inputs.append(args[0]))
+    losses = get_method("bcp").warmup(network, LabelledBatch(images, labels, weights, settings,
+                                                             torch.Generator().manual_seed(0)))
+    assert set(losses) == {"supervised"} and losses["supervised"].requires_grad
+    mixed = inputs[0]
+    box = mixed[0, 0] == 1  # patch 0 (zeros) holds a box of patch 1 (ones), patch 1 the same box of patch 0
+    assert 0 < int(box.sum()) < box.numel() and torch.equal(mixed[1, 0] == 0, box)
+    assert torch.equal(seen["labels"][:, 0].float(), mixed[:, 0]) and torch.equal(seen["weights"], 1 - mixed)
+
+
 def test_ema_teacher_moves_towards_student():
     teacher, student = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
     with torch.no_grad():

@@ -13,7 +13,7 @@ from hybridmim.methods import METHODS
 from hybridmim.model_card import ModelCard
 from hybridmim.networks import build_network
 from hybridmim.progress import CancelToken
-from hybridmim.settings import TrainSettings
+from hybridmim.settings import TrainSettings, settings_from
 from hybridmim.trainer import Checkpoint, train_network
 
 
@@ -41,8 +41,9 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, method
     card = ModelCard.load(BUNDLED_MODEL)
     cases = ([load_case(card, SAMPLE_IMAGE, SAMPLE_LABEL)],
              [load_case(card, SAMPLE_IMAGE)] if method != "supervised" else [])
-    settings = TrainSettings(method=method, steps=7, warmup_steps=2, supervised_fraction=0.3,
-                             spatial_probability=0.5, rotation_degrees=10, scale_range=[0.9, 1.1])
+    # settings_from: each method with its recipe (BCP: labelled copy-paste, largest-piece pseudo-labels)
+    settings = settings_from(method, steps=7, warmup_steps=2, supervised_fraction=0.3, spatial_probability=0.5,
+                             rotation_degrees=10, scale_range=[0.9, 1.1])
     uninterrupted, steps = train(card, cases, settings)
     assert steps == [1, 2, 3, 4, 5, 6, 7]
 
@@ -54,9 +55,8 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, method
     assert steps == [5, 6, 7]  # continued, not started again
     assert uninterrupted.keys() == resumed.keys()
     assert all(torch.equal(uninterrupted[k], resumed[k]) for k in uninterrupted)
-    fresh, _ = train(card, cases, TrainSettings(method=method, steps=7, warmup_steps=2, supervised_fraction=0.3,
-                                             seed=1, spatial_probability=0.5, rotation_degrees=10,
-                                             scale_range=[0.9, 1.1]))
+    settings.seed = 1
+    fresh, _ = train(card, cases, settings)
     assert not all(torch.equal(uninterrupted[k], fresh[k]) for k in uninterrupted)  # the check can fail
 
 

@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from conftest import REPO
 from hybridmim.cases import load_case
+from hybridmim.errors import HybridMIMError
 from hybridmim.inference import Segmenter
 from hybridmim.model_card import ModelCard
 from hybridmim.sampling import PatchSampler
@@ -84,6 +85,25 @@ def test_gamma_changes_contrast_not_mean_or_spread_and_noise_leaves_labels(share
     assert all(abs(b.mean() - image.mean()) < 1e-4 and abs(b.std() - image.std()) < 1e-4 for b in bent)
     assert min(np.corrcoef(b.ravel(), image.ravel())[0, 1] for b in bent) < 0.999  # a curve, not a shift/scale
     assert np.count_nonzero(noise != image) > 0.99 * image.size
+
+
+def test_quarter_turns_turn_image_and_label_together_about_the_chosen_axis(shared_data):
+    """BCP's augmentation: each patch is the plain crop turned 0-3 quarter turns in the plane across the axis, label
+    with image; all four turns occur; unequal patch sides across the axis are refused."""
+    case = hippocampus_case(shared_data)
+    plain = PatchSampler([case], (24, 24, 16), seed=5, intensity_jitter=0, foreground_probability=1.0)
+    turned = PatchSampler([case], (24, 24, 16), seed=5, intensity_jitter=0, foreground_probability=1.0,
+                          rot90_axis=2)
+    seen = set()
+    for _ in range(24):
+        (image, label), (turned_image, turned_label) = plain.sample(), turned.sample()
+        plain.rng.integers(4)  # keep both generators in step: the turned sampler drew its number of turns
+        turns = [k for k in range(4) if np.array_equal(np.rot90(image, k, (1, 2)), turned_image)]
+        assert len(turns) >= 1 and np.array_equal(np.rot90(label, turns[0], (0, 1)), turned_label)
+        seen.add(turns[0])
+    assert seen == {0, 1, 2, 3}
+    with pytest.raises(HybridMIMError, match="equal patch sides"):
+        PatchSampler([case], (24, 24, 16), seed=0, rot90_axis=0)
 
 
 def test_volume_smaller_than_patch_lands_at_random_places(shared_data):
