@@ -41,7 +41,7 @@ def pseudo_labels(logits: torch.Tensor, threshold: float,
     patch, the rest becomes background (BCP's rule: the teacher's stray islands are its likeliest mistakes)."""
     confidence, labels = logits.float().softmax(1).max(1, keepdim=True)
     if single_piece:
-        array = labels.cpu().numpy().copy()
+        array = labels.cpu().numpy()  # shares memory with labels on the CPU: edited in place
         for patch in array[:, 0]:
             keep_largest_pieces(patch, single_piece)
         labels = torch.from_numpy(array).to(logits.device)
@@ -79,14 +79,14 @@ def mix(inside: torch.Tensor, outside: torch.Tensor, mask: torch.Tensor) -> torc
 
 def copy_paste(images: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, unlabeled: torch.Tensor,
                teacher_labels: torch.Tensor, confident: torch.Tensor,
-               region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """BCP mixing: unlabelled voxels inside ``region``, labelled (user-corrected) voxels elsewhere. Returns the
-    mixed image, its labels (the labelled patches' targets, the teacher's where pasted) and per-voxel weights (the
-    labelled targets' ``weights``, ``PSEUDO_WEIGHT`` for confident pseudo-labels, 0 for unconfident ones)."""
-    mixed = mix(unlabeled, images, region)
-    mixed_labels = mix(teacher_labels, labels, region)
-    weights = mix(PSEUDO_WEIGHT * confident, weights, region)
-    return mixed, mixed_labels, weights
+    mixed image, its labels (the labelled patches' targets, the teacher's where pasted) and the weights of the two
+    losses BCP keeps apart: the labelled voxels' own ``weights`` (0 where pasted) and the pasted voxels'
+    ``confident`` mask (0 elsewhere)."""
+    zero = torch.zeros_like(weights)
+    return (mix(unlabeled, images, region), mix(teacher_labels, labels, region), mix(zero, weights, region),
+            mix(confident, zero, region))
 
 
 def weighted_dice_ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

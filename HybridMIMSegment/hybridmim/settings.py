@@ -77,7 +77,7 @@ class TrainSettings:
             raise HybridMIMError(f"The learning rate must be positive and finite, not {self.learning_rate}")
         if len(set(self.rotation_axes)) != len(self.rotation_axes) or not set(self.rotation_axes) <= {0, 1, 2}:
             raise HybridMIMError(f"rotation_axes must be distinct axes 0, 1, 2, not {self.rotation_axes}")
-        if self.rot90_axis not in (None, 0, 1, 2):
+        if isinstance(self.rot90_axis, bool) or self.rot90_axis not in (None, 0, 1, 2):
             raise HybridMIMError(f"rot90_axis must be 0, 1, 2 or none, not {self.rot90_axis}")
         if not 0 <= self.seed < 2**32:
             raise HybridMIMError(f"The seed must be a whole number from 0 to {2**32 - 1}, not {self.seed}")

@@ -144,8 +144,9 @@ def training_mode(network: torch.nn.Module) -> None:
 
 
 def _single_piece(cases: Sequence[Case]) -> list[int]:
-    """The labels that are one piece in every labelled volume holding them (``postprocessing``'s test)."""
-    labels = [case.label for case in cases if case.label is not None]
+    """The labels that are one piece in every fully corrected volume holding them (``postprocessing``'s test; a
+    partly corrected volume's unreviewed voxels may split a structure)."""
+    labels = [case.label for case in cases if case.label is not None and not np.any(case.label == UNREVIEWED)]
     values = set().union(*(np.unique(label).tolist() for label in labels)) - {0, UNREVIEWED}
     return single_piece_labels(labels, sorted(values))
 

@@ -89,6 +89,8 @@ def runs(args: argparse.Namespace, cases: dict) -> list[dict]:
                                             "seed": seed})
     if "interactive" in args.plan:
         round_steps = {method: int(steps) for method, _, steps in (item.partition("=") for item in args.round_steps)}
+        if round_steps and set(args.methods) - set(round_steps):
+            raise SystemExit(f"--round-steps gives no steps for {sorted(set(args.methods) - set(round_steps))}")
         for count in args.interactive:
             labeled = cases["subsets"][8][:count]
             for seed in args.seeds:

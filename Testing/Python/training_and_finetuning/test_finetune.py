@@ -193,8 +193,8 @@ def test_same_labels_fine_tune_reports_the_starting_models_dice(shared_data, cap
 
 
 def test_copy_paste_keeps_every_corrected_voxel():
-    """Wherever a voxel comes from the labelled volume, its reference label and full weight win, whatever the
-    teacher says; pasted voxels carry the teacher's label at half weight, none where it is unsure."""
+    """Wherever a voxel comes from the labelled volume, its reference label and its weight in the labelled loss win,
+    whatever the teacher says; pasted voxels carry the teacher's label in the pseudo-label loss, where it is sure."""
     generator = torch.Generator().manual_seed(0)
     shape = (2, 1, 8, 8, 8)
     images, unlabeled = torch.zeros(shape), torch.ones(shape)
@@ -203,13 +203,14 @@ def test_copy_paste_keeps_every_corrected_voxel():
     confident = (torch.rand(shape, generator=generator) > 0.5).float()
     region = torch.zeros((1, 1, 8, 8, 8), dtype=torch.bool)
     region[..., 2:6, 2:6, 2:6] = True
-    mixed, mixed_labels, weights = copy_paste(images, labels, torch.ones(shape), unlabeled, teacher, confident,
-                                              region)
+    mixed, mixed_labels, labelled, pasted = copy_paste(images, labels, torch.ones(shape), unlabeled, teacher,
+                                                       confident, region)
     outside = ~region.expand(shape)
-    assert torch.equal(mixed_labels[outside], labels[outside]) and bool((weights[outside] == 1).all())
+    assert torch.equal(mixed_labels[outside], labels[outside]) and bool((labelled[outside] == 1).all())
     assert bool((mixed[outside] == 0).all()) and bool((mixed[~outside] == 1).all())
     assert torch.equal(mixed_labels[~outside], teacher[~outside])
-    assert torch.equal(weights[~outside], 0.5 * confident[~outside])
+    assert bool((labelled[~outside] == 0).all()) and bool((pasted[outside] == 0).all())
+    assert torch.equal(pasted[~outside], confident[~outside])
 
 
 def test_weighted_loss_ignores_zero_weight_voxels_and_pseudo_labels_threshold():
